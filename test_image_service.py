@@ -1,0 +1,710 @@
+"""The image service's specification, as tests.
+
+Behaviour tests run the server in-process on an ephemeral port, over an
+insecure channel, on mongomock, and again on a real MongoDB when
+TEST_MONGO_URI is set (skipped, with that reason, when it is not). Failure
+paths use the real pymongo driver against real sockets: a closed port, a
+socket that never answers, and WireMongo below, a wire-protocol stand-in
+whose data lives in mongomock and whose commands can be counted, held,
+failed or dropped.
+"""
+
+import contextlib
+import datetime
+import filecmp
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import grpc
+import mongomock
+import pymongo
+import pytest
+from bson import Int64, ObjectId
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import given, settings, strategies as st
+from mockupdb import MockupDB
+
+import image_service_client as client_cli
+import image_service_pb2 as pb2
+import image_service_pb2_grpc as pb2_grpc
+import image_service_server as server
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SERVER_SCRIPT = os.path.join(HERE, "image_service_server.py")
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# ---------------------------------------------------------------------------
+# Data, shaped as the upload service writes it
+# ---------------------------------------------------------------------------
+
+IMAGE = bytes(range(256)) * 1200  # 300 KiB: two GridFS chunks
+
+
+def upload(db, model_id, data=IMAGE):
+    """One image stored the way the upload service stores it."""
+    return server.store_image(db, model_id, data)
+
+
+def images_of(db, model_id):
+    return list(db.images.find({"model_id": model_id}))
+
+
+def everything(db):
+    """The whole image store, comparable before and after."""
+    return {name: sorted(db[name].find(), key=lambda d: str(d["_id"]))
+            for name in ("images", "fs.files", "fs.chunks")}
+
+
+def model_data(db, model_id):
+    """A model's metadata, files and chunks, to show it was left untouched."""
+    metadata = images_of(db, model_id)
+    file_ids = [ObjectId(d["image_id"]) for d in metadata]
+    return (metadata, list(db["fs.files"].find({"_id": {"$in": file_ids}})),
+            list(db["fs.chunks"].find({"files_id": {"$in": file_ids}})))
+
+
+def assert_store_consistent(db):
+    """No orphan chunks, no unreferenced files, no dangling metadata."""
+    file_ids = {f["_id"] for f in db["fs.files"].find()}
+    referenced = {server.referenced_file_id(d.get("image_id")) for d in db.images.find()}
+    chunk_owners = {c["files_id"] for c in db["fs.chunks"].find()}
+    assert chunk_owners <= file_ids, "chunks without a file"
+    assert file_ids <= referenced, "files no images document references"
+    assert referenced <= file_ids, "images documents whose file is gone"
+
+
+def test_uploads_in_tests_are_shaped_like_the_upload_service():
+    db = mongomock.MongoClient().db
+    file_id = upload(db, "chair")
+    (metadata,) = images_of(db, "chair")
+    assert set(metadata) == {"_id", "name", "image_id", "model_id"}
+    assert metadata["image_id"] == str(file_id) and metadata["name"] == "chair.jpg"
+    stored = db["fs.files"].find_one({"_id": file_id})
+    assert stored["filename"] == "chair.jpg" and stored["length"] == len(IMAGE)
+    assert stored["chunkSize"] == 255 * 1024 and isinstance(stored["uploadDate"], datetime.datetime)
+    chunks = sorted(db["fs.chunks"].find({"files_id": file_id}), key=lambda c: c["n"])
+    assert [c["n"] for c in chunks] == [0, 1]
+    assert b"".join(c["data"] for c in chunks) == IMAGE
+
+
+# ---------------------------------------------------------------------------
+# Servers, channels and databases
+# ---------------------------------------------------------------------------
+
+TEST_CONFIG = server.Config(
+    mongo_uri="mongodb://127.0.0.1:1/", grpc_host="127.0.0.1", grpc_port=0,
+    mongo_timeout_s=2.0, health_interval_s=0.1)
+
+
+@contextlib.contextmanager
+def serving(db, **settings_):
+    """The service on an ephemeral port, and a stub for it."""
+    running = server.start_server(server.dataclasses.replace(TEST_CONFIG, **settings_), db)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield pb2_grpc.ImageServiceStub(channel), running, channel
+    finally:
+        running.stop(0)
+
+
+@pytest.fixture(params=["mongomock", "real MongoDB"])
+def database(request):
+    """An empty database: mongomock, and a real MongoDB if TEST_MONGO_URI says where."""
+    if request.param == "mongomock":
+        yield mongomock.MongoClient()["CatalogServiceDB"]
+        return
+    uri = os.environ.get("TEST_MONGO_URI")
+    if not uri:
+        pytest.skip("TEST_MONGO_URI is not set: set it to a MongoDB URI to run this test on a real server")
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    name = f"image_service_test_{ObjectId()}"
+    try:
+        yield client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+@pytest.fixture
+def stub(database):
+    with serving(database) as (stub_, _, _):
+        yield stub_
+
+
+def delete(stub_, model_id, **kwargs):
+    return stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id=model_id), timeout=10, **kwargs)
+
+
+def closed_port():
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_socket():
+    """A port that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+class WireMongo:
+    """A MongoDB server at the wire level whose data lives in ``self.db`` (mongomock).
+
+    The real pymongo driver talks to it over a socket. It answers hello, ping,
+    find, aggregate, insert and delete; counts the data commands; and can
+    fail any of them by number (an error reply, or the connection dropped
+    before or after the command took effect), run a hook before one, or stop
+    answering until ``recover()``.
+    """
+
+    HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "minWireVersion": 0,
+             "maxWireVersion": 21, "maxBsonObjectSize": 16 * 1024 * 1024,
+             "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000}
+
+    def __init__(self, port=None):
+        self.db = mongomock.MongoClient()["CatalogServiceDB"]
+        self.commands = []  # every data command received, as sent
+        self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
+        self.answering = threading.Event()
+        self.answering.set()
+        self._lock = threading.Lock()
+        self._mockup = MockupDB(port=port)
+        self._mockup.autoresponds(self._handle)
+        self.port = self._mockup.run()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def client(self, timeout_ms=2000, **options):
+        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms, **options)
+
+    def names(self):
+        return [next(iter(command)) for command in self.commands]
+
+    def hang(self):
+        self.answering.clear()
+
+    def recover(self):
+        self.answering.set()
+
+    def stop(self):
+        self.recover()
+        self._mockup.stop()
+
+    def _handle(self, request):
+        name = request.command_name
+        if name in ("ismaster", "isMaster", "hello"):
+            return request.ok(self.HELLO)
+        # mockupdb serves one request at a time under its lock: let go of it
+        # so that a held or slow command does not stall every connection.
+        with self._mockup._unlock():
+            if name in ("endSessions", "killCursors"):
+                return request.ok()
+            while not self.answering.wait(0.05):
+                if self._mockup._stopped:
+                    return request.hangup()
+            if name == "ping":
+                return request.ok()
+            with self._lock:
+                self.commands.append(request.doc)
+                fault = self.faults.pop(len(self.commands), None)
+            if callable(fault):
+                fault()
+            if fault == "error":
+                return request.command_err(code=2, errmsg="injected failure")
+            if fault == "drop-before":
+                return request.hangup()
+            reply = self._execute(name, request.doc)
+            return request.hangup() if fault == "drop-after" else request.ok(reply)
+
+    def _execute(self, name, command):
+        collection = self.db[command[name]]
+        namespace = f"{self.db.name}.{command[name]}"
+        if name == "find":
+            documents = list(collection.find(command.get("filter", {}), command.get("projection")))
+        elif name == "aggregate":
+            documents = list(collection.aggregate(command["pipeline"]))
+        elif name == "insert":
+            return {"n": len(collection.insert_many(command["documents"]).inserted_ids)}
+        elif name == "delete":
+            removed = 0
+            for statement in command["deletes"]:
+                remove = collection.delete_many if statement["limit"] == 0 else collection.delete_one
+                removed += remove(statement["q"]).deleted_count
+            return {"n": removed}
+        else:
+            raise AssertionError(f"WireMongo does not know {name!r}")
+        return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": documents}}
+
+
+@pytest.fixture
+def wire():
+    stand_in = WireMongo()
+    yield stand_in
+    stand_in.stop()
+
+
+@contextlib.contextmanager
+def serving_on(mongo_client, **settings_):
+    """The service on a real pymongo client, and a stub for it."""
+    with mongo_client, serving(mongo_client["CatalogServiceDB"], **settings_) as served:
+        yield served
+
+
+# ---------------------------------------------------------------------------
+# The contract
+# ---------------------------------------------------------------------------
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    from grpc_tools import protoc
+
+    status = protoc.main(["protoc", f"-I{HERE}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                          f"--grpc_python_out={tmp_path}", os.path.join(HERE, "image_service.proto")])
+    assert status == 0
+    for name in ("image_service_pb2.py", "image_service_pb2.pyi", "image_service_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / name, os.path.join(HERE, name), shallow=False), (
+            f"{name} is stale: regenerate it with the command in the README")
+
+
+def test_the_original_contract_is_unchanged():
+    service = pb2.DESCRIPTOR.services_by_name["ImageService"]
+    assert pb2.DESCRIPTOR.package == "image_service"
+    method = service.methods_by_name["DeleteImageByModelId"]
+    assert (method.input_type.name, method.output_type.name) == ("DeleteImageRequest", "DeleteImageResponse")
+    request = pb2.DeleteImageRequest.DESCRIPTOR.fields_by_name["model_id"]
+    assert (request.number, request.type) == (1, request.TYPE_STRING)
+    reply = pb2.DeleteImageResponse.DESCRIPTOR.fields_by_name
+    assert (reply["success"].number, reply["success"].type) == (1, reply["success"].TYPE_BOOL)
+    assert (reply["message"].number, reply["message"].type) == (2, reply["message"].TYPE_STRING)
+
+
+def test_every_proto_element_is_commented():
+    with open(os.path.join(HERE, "image_service.proto")) as proto:
+        lines = [line.strip() for line in proto]
+    for number, line in enumerate(lines):
+        declares = line.startswith(("service ", "rpc ", "message ", "enum ", "OUTCOME_", "string ", "bool ",
+                                    "int32 ", "repeated ", "Outcome "))
+        if declares:
+            assert lines[number - 1].startswith("//"), f"no comment above: {line}"
+
+
+# ---------------------------------------------------------------------------
+# What a delete does
+# ---------------------------------------------------------------------------
+
+
+def test_deletes_every_image_of_a_model_with_its_files_and_chunks(database, stub):
+    for _ in range(3):
+        upload(database, "chair")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_DELETED)
+    assert (reply.deleted_images, reply.deleted_files, reply.model_id) == (3, 3, "chair")
+    assert reply.message == "deleted 3 images and 3 files"
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_leaves_every_other_model_untouched(database, stub):
+    upload(database, "chair")
+    for bystander in ("table", "chair2", "Chair"):
+        upload(database, bystander)
+    before = {m: model_data(database, m) for m in ("table", "chair2", "Chair")}
+
+    delete(stub, "chair")
+
+    assert {m: model_data(database, m) for m in before} == before
+    assert_store_consistent(database)
+
+
+def test_follows_image_ids_stored_as_objectids(database, stub):
+    file_id = upload(database, "chair")
+    database.images.update_one({"image_id": str(file_id)}, {"$set": {"image_id": file_id}})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.deleted_images, reply.deleted_files) == (1, 1)
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_hex_model_id_also_matches_model_ids_stored_as_objectids(database, stub):
+    model = ObjectId()
+    upload(database, str(model))
+    upload(database, str(model))
+    database.images.update_one({"model_id": str(model)}, {"$set": {"model_id": model}})
+
+    reply = delete(stub, str(model))
+
+    assert (reply.deleted_images, reply.deleted_files) == (2, 2)
+    assert everything(database)["images"] == []
+
+
+def test_an_upper_case_hex_id_does_not_match_the_objectid(database, stub):
+    model = ObjectId()
+    upload(database, str(model))
+    database.images.update_one({"model_id": str(model)}, {"$set": {"model_id": model}})
+
+    reply = delete(stub, str(model).upper())
+
+    assert reply.outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert database.images.count_documents({"model_id": model}) == 1
+
+
+@pytest.mark.parametrize("look_alike", [" chair", "chair ", "CHAIR", "chai", "chair\u200b", ".*", "^chair$",
+                                        '{"$ne": null}', "{'$gt': ''}", "$where"])
+def test_matches_the_model_id_exactly(database, stub, look_alike):
+    upload(database, "chair")
+    before = everything(database)
+
+    reply = delete(stub, look_alike)
+
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert everything(database) == before
+
+
+def test_metadata_pointing_at_a_file_already_gone_is_removed_and_reported(database, stub):
+    gone = upload(database, "chair")
+    upload(database, "chair")
+    database["fs.files"].delete_one({"_id": gone})
+    database["fs.chunks"].delete_many({"files_id": gone})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 1)
+    assert "1 reference pointed at a file already gone" in reply.message
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+@pytest.mark.parametrize("image_id", ["not-an-id", "", None, 42])
+def test_metadata_with_an_invalid_image_id_is_removed_and_reported(database, stub, image_id):
+    database.images.insert_one({"name": "chair.jpg", "image_id": image_id, "model_id": "chair"})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "1 image_id was not a valid file id" in reply.message
+    assert images_of(database, "chair") == []
+
+
+def test_a_model_without_images_succeeds_with_nothing_to_delete(database, stub):
+    upload(database, "table")
+    reply = delete(stub, "chair")
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_NOTHING_TO_DELETE, 0)
+    assert reply.model_id == "chair" and "nothing to delete" in reply.message
+
+
+def test_repeating_a_delete_is_safe(database, stub):
+    upload(database, "chair")
+    upload(database, "table")
+    first, second = delete(stub, "chair"), delete(stub, "chair")
+    assert (first.outcome, second.outcome) == (pb2.OUTCOME_DELETED, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert second.success and len(images_of(database, "table")) == 1
+
+
+REJECTED = {
+    "empty": ("", "model_id is empty"),
+    "too long": ("m" * 257, "model_id is longer than 256 characters"),
+    "NUL": ("chair\x00", "model_id contains control characters"),
+    "newline": ("chair\n", "model_id contains control characters"),
+    "tab": ("\tchair", "model_id contains control characters"),
+    "DEL": ("chair\x7f", "model_id contains control characters"),
+    "C1 control": ("chair\x85", "model_id contains control characters"),
+}
+
+
+@pytest.mark.parametrize("model_id, reason", REJECTED.values(), ids=REJECTED.keys())
+def test_rejects_bad_model_ids_and_touches_nothing(database, stub, model_id, reason):
+    upload(database, "chair")
+    upload(database, model_id.replace("\x00", ""))
+    before = everything(database)
+
+    reply = delete(stub, model_id)
+
+    assert (reply.success, reply.outcome, reply.message) == (False, pb2.OUTCOME_INVALID_ARGUMENT, reason)
+    assert everything(database) == before
+
+
+def test_accepts_a_model_id_of_exactly_256_characters(database, stub):
+    upload(database, "m" * 256)
+    assert delete(stub, "m" * 256).deleted_images == 1
+
+
+def test_one_line_is_logged_per_call(database, stub, caplog):
+    upload(database, "chair")
+    with caplog.at_level(logging.INFO, logger="image_service"):
+        delete(stub, "chair")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DeleteImageByModelId")]
+    assert "model_id='chair' outcome=OUTCOME_DELETED deleted_images=1 deleted_files=1 ms=" in line
+
+
+# ---------------------------------------------------------------------------
+# Database commands, order and concurrency (at the wire level)
+# ---------------------------------------------------------------------------
+
+
+def test_a_delete_costs_four_commands_whatever_the_number_of_images(wire):
+    for _ in range(25):
+        upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert reply.deleted_images == 25
+    assert wire.names() == ["find", "delete", "delete", "delete"]
+
+
+def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
+    upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, _, _):
+        delete(stub_, "chair")
+    find, files, chunks, metadata = wire.commands
+    assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
+    assert set(metadata["deletes"][0]["q"]) == {"_id"}
+
+
+def test_a_model_without_images_costs_one_read(wire):
+    with serving_on(wire.client()) as (stub_, _, _):
+        delete(stub_, "chair")
+    assert wire.names() == ["find"]
+
+
+def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
+    upload(wire.db, "chair")
+    late = {}
+    wire.faults[2] = lambda: late.setdefault("file_id", upload(wire.db, "chair"))
+    with serving_on(wire.client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert reply.deleted_images == 1
+    (survivor,) = images_of(wire.db, "chair")
+    assert survivor["image_id"] == str(late["file_id"])
+    assert wire.db["fs.chunks"].count_documents({"files_id": late["file_id"]}) == 2
+    assert_store_consistent(wire.db)
+
+
+# ---------------------------------------------------------------------------
+# Database failures
+# ---------------------------------------------------------------------------
+
+
+def test_an_unreachable_database_is_reported_as_unavailable(caplog):
+    client = pymongo.MongoClient(f"mongodb://svc:s3cret%40pw@127.0.0.1:{closed_port()}/",
+                                 serverSelectionTimeoutMS=300)
+    with serving_on(client, mongo_timeout_s=0.3) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
+    assert reply.message == "database unavailable or too slow; retry later"
+
+
+def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):
+    upload(wire.db, "chair")
+    wire.faults[1] = "error"
+    with serving_on(wire.client()) as (stub_, _, _):
+        failed, retried = delete(stub_, "chair"), delete(stub_, "chair")
+    assert (failed.success, failed.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert "injected" not in failed.message
+    assert (retried.success, retried.deleted_images) == (True, 1)
+
+
+def test_a_database_that_never_answers_fails_within_mongo_timeout():
+    with silent_socket() as port:
+        config = server.Config(mongo_uri=f"mongodb://127.0.0.1:{port}/", mongo_timeout_s=0.5)
+        with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.5) as (stub_, _, _):
+            started = time.monotonic()
+            reply = delete(stub_, "chair")
+            elapsed = time.monotonic() - started
+    assert reply.outcome == pb2.OUTCOME_UNAVAILABLE
+    assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------
+
+
+def test_credentials_are_percent_escaped_in_the_uri():
+    uri = server.build_mongo_uri({"MONGO_USER": "app@team", "MONGO_PASSWORD": "p@ss:w/rd%?#",
+                                  "MONGO_HOST": "db.internal", "MONGO_PORT": "27018"})
+    assert uri == "mongodb://app%40team:p%40ss%3Aw%2Frd%25%3F%23@db.internal:27018/?authSource=admin"
+    parsed = pymongo.uri_parser.parse_uri(uri)
+    assert (parsed["username"], parsed["password"]) == ("app@team", "p@ss:w/rd%?#")
+
+
+def test_without_a_user_the_uri_carries_no_credentials():
+    assert server.build_mongo_uri({}) == "mongodb://localhost:27017/"
+
+
+def test_a_password_without_a_user_is_refused():
+    with pytest.raises(server.ConfigError, match="MONGO_PASSWORD is set but MONGO_USER is not"):
+        server.build_mongo_uri({"MONGO_PASSWORD": "x"})
+
+
+def test_mongo_uri_overrides_the_parts():
+    env = {"MONGO_URI": "mongodb+srv://u:p@cluster0.example.net/", "MONGO_HOST": "ignored"}
+    assert server.load_config(env).mongo_uri == "mongodb+srv://u:p@cluster0.example.net/"
+
+
+def test_defaults():
+    config = server.load_config({})
+    assert (config.mongo_uri, config.mongo_db, config.mongo_timeout_s) == (
+        "mongodb://localhost:27017/", "CatalogServiceDB", 5.0)
+    assert (config.grpc_host, config.grpc_port, config.max_workers, config.max_concurrent_rpcs) == (
+        "0.0.0.0", 5014, 10, 100)
+    assert (config.reflection, config.auth_tokens, config.shutdown_grace_s, config.log_format) == (
+        True, (), 10.0, "text")
+
+
+def test_the_database_is_described_without_credentials():
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2", "MONGO_HOST": "db1"})
+    assert server.describe_database(config) == "mongodb://db1:27017/CatalogServiceDB"
+
+
+BAD_SETTINGS = {
+    "MONGO_PORT": "abc", "GRPC_PORT": "70000", "MONGO_TIMEOUT_MS": "0", "GRPC_MAX_WORKERS": "-1",
+    "GRPC_MAX_CONCURRENT_RPCS": "many", "GRPC_REFLECTION": "maybe", "SHUTDOWN_GRACE_S": "soon",
+    "LOG_LEVEL": "LOUD", "LOG_FORMAT": "xml", "GRPC_TLS_CERT": "/no/such/cert.pem",
+}
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS.items())
+def test_a_bad_setting_is_refused_naming_the_variable(name, value):
+    with pytest.raises(server.ConfigError, match=name):
+        server.load_config({name: value})
+
+
+def run_server_process(env_overrides, *args, cwd=None, timeout=20):
+    env = {**os.environ, **env_overrides}
+    return subprocess.run([sys.executable, SERVER_SCRIPT, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_a_bad_setting_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    done = run_server_process({"MONGO_PORT": "abc"}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'"]
+
+
+def test_settings_come_from_a_dotenv_file_and_the_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MONGO_DB=FromFile\nMONGO_HOST=file-host\n")
+    monkeypatch.setenv("MONGO_HOST", "env-host")
+    config = server.load_config(server.read_environment(tmp_path / ".env"))
+    assert (config.mongo_db, config.mongo_uri) == ("FromFile", "mongodb://env-host:27017/")
+
+
+def test_env_example_lists_every_variable():
+    with open(os.path.join(HERE, ".env.example")) as example:
+        listed = {line.split("=")[0].lstrip("# ").strip() for line in example if "=" in line}
+    with open(SERVER_SCRIPT) as source:
+        code = source.read()
+    used = {name for name in listed if f'"{name}"' in code}
+    assert listed == used
+    for name in ("MONGO_URI", "MONGO_HOST", "MONGO_PORT", "MONGO_DB", "MONGO_USER", "MONGO_PASSWORD",
+                 "MONGO_AUTH_SOURCE", "MONGO_TIMEOUT_MS", "GRPC_HOST", "GRPC_PORT", "GRPC_MAX_WORKERS",
+                 "GRPC_MAX_CONCURRENT_RPCS", "GRPC_REFLECTION", "GRPC_TLS_CERT", "GRPC_TLS_KEY",
+                 "GRPC_TLS_CLIENT_CA", "GRPC_AUTH_TOKEN", "SHUTDOWN_GRACE_S", "HEALTH_CHECK_INTERVAL_S",
+                 "LOG_LEVEL", "LOG_FORMAT"):
+        assert name in listed and f'"{name}"' in code, name
+
+
+# ---------------------------------------------------------------------------
+# The process: start-up, in-memory mode, signals, client
+# ---------------------------------------------------------------------------
+
+
+class ServerProcess:
+    """``python image_service_server.py`` in a child process on a free port."""
+
+    def __init__(self, tmp_path, env_overrides=(), *args):
+        self.port = closed_port()
+        env = {**os.environ, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(self.port), **dict(env_overrides)}
+        self.stderr_path = tmp_path / f"server-{self.port}.log"
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args], env=env, cwd=tmp_path,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+        self.stub = pb2_grpc.ImageServiceStub(self.channel)
+
+    def log(self):
+        return self.stderr_path.read_text()
+
+    def stop(self, signum=signal.SIGTERM):
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=20)
+        self.channel.close()
+        return code
+
+
+def test_start_up_logs_the_address_and_database_but_never_the_password(tmp_path):
+    running = ServerProcess(tmp_path, {"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2!",
+                                       "MONGO_HOST": "127.0.0.1", "MONGO_PORT": str(closed_port())})
+    assert running.stop() == 0
+    log_text = running.log()
+    assert f"serving image_service.ImageService on 127.0.0.1:{running.port}" in log_text
+    assert "mongodb://127.0.0.1:" in log_text and "/CatalogServiceDB" in log_text
+    assert "hunter2" not in log_text
+
+
+def test_in_memory_mode_deletes_a_sample_image_with_no_mongodb(tmp_path):
+    running = ServerProcess(tmp_path, {}, "--in-memory")
+    reply = running.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="sample-chair"), timeout=10)
+    assert running.stop() == 0
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 2)
+    assert "try: python image_service_client.py sample-chair" in running.log()
+
+
+def test_sigterm_lets_a_delete_in_flight_finish_then_exits_0(tmp_path, wire):
+    upload(wire.db, "chair")
+    reached, release = threading.Event(), threading.Event()
+    wire.faults[2] = lambda: (reached.set(), release.wait(20))
+    running = ServerProcess(tmp_path, {"MONGO_URI": wire.uri, "HEALTH_CHECK_INTERVAL_S": "0.1"})
+    in_flight = running.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
+    assert reached.wait(10)
+
+    watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+    assert next(watch).status == SERVING
+    running.process.send_signal(signal.SIGTERM)
+    assert next(watch).status == NOT_SERVING  # shutdown has begun, the delete is still running
+    watch.cancel()
+    release.set()
+
+    assert in_flight.result().deleted_images == 1
+    assert running.process.wait(timeout=20) == 0
+    assert everything(wire.db)["images"] == []
+
+
+def test_sigint_stops_the_server_with_exit_code_0(tmp_path):
+    running = ServerProcess(tmp_path, {}, "--in-memory")
+    assert running.stop(signal.SIGINT) == 0
+
+
+def test_the_client_prints_each_result_and_fails_if_any_failed(database, capsys):
+    upload(database, "chair")
+    with serving(database) as (_, running, _):
+        address = f"127.0.0.1:{running.port}"
+        ok_code = client_cli.main(["chair", "--address", address])
+        bad_code = client_cli.main(["table", "", "--address", address])
+    lines = capsys.readouterr().out.splitlines()
+    assert (ok_code, bad_code) == (0, 1)
+    assert lines[0].startswith("chair\tok\tOUTCOME_DELETED\timages=1\tfiles=1")
+    assert lines[1].startswith("table\tok\tOUTCOME_NOTHING_TO_DELETE")
+    assert lines[2].startswith("\tFAILED\tOUTCOME_INVALID_ARGUMENT")
+
+
+def test_the_client_reports_a_server_it_cannot_reach(capsys):
+    code = client_cli.main(["chair", "--address", f"127.0.0.1:{closed_port()}", "--timeout", "1"])
+    error = capsys.readouterr().err
+    assert code == 3
+    assert error.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
