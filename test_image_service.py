@@ -181,6 +181,7 @@ class WireMongo:
         self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
         self.answering = threading.Event()
         self.answering.set()
+        self.arrivals = threading.Semaphore(0)  # released as each data command arrives
         self._lock = threading.Lock()
         self._mockup = MockupDB(port=port)
         self._mockup.autoresponds(self._handle)
@@ -212,6 +213,8 @@ class WireMongo:
         with self._mockup._unlock():
             if name in ("endSessions", "killCursors"):
                 return request.ok()
+            if name != "ping":
+                self.arrivals.release()
             while not self.answering.wait(0.05):
                 if self._mockup._stopped:
                     return request.hangup()
@@ -708,3 +711,273 @@ def test_the_client_reports_a_server_it_cannot_reach(capsys):
     error = capsys.readouterr().err
     assert code == 3
     assert error.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
+
+
+# ---------------------------------------------------------------------------
+# Production behaviour: health, reflection, deadlines, shedding
+# ---------------------------------------------------------------------------
+
+
+def watch_health(channel, service=""):
+    """The health service's stream of statuses for ``service``."""
+    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=20)
+    return (update.status for update in stream)
+
+
+def wait_for_status(statuses, wanted):
+    for status in statuses:
+        if status == wanted:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("service", ["", "image_service.ImageService"])
+def test_health_follows_mongodb_down_and_back_up(service):
+    port = closed_port()
+    mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=100)
+    with serving_on(mongo, mongo_timeout_s=0.2) as (_, _, channel):
+        statuses = watch_health(channel, service)
+        assert wait_for_status(statuses, NOT_SERVING)
+        stand_in = WireMongo(port=port)
+        try:
+            assert wait_for_status(statuses, SERVING)
+            stand_in.hang()
+            assert wait_for_status(statuses, NOT_SERVING)
+        finally:
+            stand_in.stop()
+
+
+def test_health_reports_not_serving_as_soon_as_shutdown_begins(database):
+    with serving(database) as (_, running, channel):
+        statuses = watch_health(channel, "image_service.ImageService")
+        assert next(statuses) == SERVING
+        stopping = threading.Thread(target=running.stop, args=(5,))
+        stopping.start()
+        assert next(statuses) == NOT_SERVING
+        stopping.join()
+
+
+def list_services(channel, metadata=None):
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    (reply,) = stub.ServerReflectionInfo(iter([request]), timeout=5, metadata=metadata)
+    return {service.name for service in reply.list_services_response.service}
+
+
+def test_reflection_lists_the_services(database):
+    with serving(database) as (_, _, channel):
+        assert {"image_service.ImageService", "grpc.health.v1.Health"} <= list_services(channel)
+
+
+def test_reflection_can_be_turned_off(database):
+    with serving(database, reflection=False) as (_, _, channel):
+        with pytest.raises(grpc.RpcError) as refused:
+            list_services(channel)
+    assert refused.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+def test_a_client_deadline_bounds_the_database_work(wire):
+    upload(wire.db, "chair")
+    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=4) as (stub_, _, _):
+        wire.hang()
+        stuck = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=0.3)
+                 for _ in range(30)]
+        for call in stuck:
+            with pytest.raises(grpc.RpcError) as expired:
+                call.result()
+            assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wire.recover()
+        # With the four workers still held by the hung calls (up to 30 s
+        # each), this call could not be served within its deadline.
+        reply = stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=5)
+    assert (reply.success, reply.deleted_images) == (True, 1)
+
+
+def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
+    with serving_on(wire.client(), max_concurrent_rpcs=2) as (stub_, _, _):
+        wire.hang()
+        held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
+                for _ in range(2)]
+        assert wire.arrivals.acquire(timeout=10) and wire.arrivals.acquire(timeout=10)
+        with pytest.raises(grpc.RpcError) as shed:
+            delete(stub_, "chair")
+        wire.recover()
+        replies = [call.result() for call in held]
+    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert all(reply.success for reply in replies)
+
+
+# ---------------------------------------------------------------------------
+# TLS, mTLS and tokens
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as files."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("certificates")
+    ca = trustme.CA()
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    ca.cert_pem.write_to_path(files["ca"])
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_cert.private_key_pem.write_to_path(files["key"])
+    server_cert.cert_chain_pems[0].write_to_path(files["cert"])
+    client_cert = ca.issue_cert("catalog-service@example.internal")
+    client_cert.private_key_pem.write_to_path(files["client_key"])
+    client_cert.cert_chain_pems[0].write_to_path(files["client_cert"])
+    return {name: str(path) for name, path in files.items()}
+
+
+def tls_settings(certificates, mutual=False):
+    env = {"GRPC_TLS_CERT": certificates["cert"], "GRPC_TLS_KEY": certificates["key"]}
+    if mutual:
+        env["GRPC_TLS_CLIENT_CA"] = certificates["ca"]
+    config = server.load_config(env)
+    return {"tls_cert": config.tls_cert, "tls_key": config.tls_key, "tls_client_ca": config.tls_client_ca}
+
+
+def tls_channel(port, certificates, with_client_cert=False):
+    def read(name):
+        with open(certificates[name], "rb") as file:
+            return file.read()
+
+    credentials = grpc.ssl_channel_credentials(
+        read("ca"),
+        private_key=read("client_key") if with_client_cert else None,
+        certificate_chain=read("client_cert") if with_client_cert else None)
+    return grpc.secure_channel(f"127.0.0.1:{port}", credentials)
+
+
+def test_tls_serves_encrypted_calls_and_refuses_plaintext(database, certificates):
+    upload(database, "chair")
+    with serving(database, **tls_settings(certificates)) as (plain_stub, running, _):
+        with pytest.raises(grpc.RpcError) as refused:
+            delete(plain_stub, "chair")
+        with tls_channel(running.port, certificates) as channel:
+            reply = delete(pb2_grpc.ImageServiceStub(channel), "chair")
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reply.deleted_images == 1
+
+
+def test_mtls_requires_a_client_certificate_signed_by_the_client_ca(database, certificates):
+    upload(database, "chair")
+    with serving(database, **tls_settings(certificates, mutual=True)) as (_, running, _):
+        with tls_channel(running.port, certificates) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                delete(pb2_grpc.ImageServiceStub(channel), "chair")
+        with tls_channel(running.port, certificates, with_client_cert=True) as channel:
+            reply = delete(pb2_grpc.ImageServiceStub(channel), "chair")
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert reply.deleted_images == 1
+
+
+@pytest.mark.parametrize("variable", ["GRPC_TLS_CERT", "GRPC_TLS_KEY", "GRPC_TLS_CLIENT_CA"])
+def test_a_missing_tls_file_stops_start_up_with_one_line_and_exit_code_2(tmp_path, certificates, variable):
+    env = {"GRPC_TLS_CERT": certificates["cert"], "GRPC_TLS_KEY": certificates["key"], variable: "/no/such.pem"}
+    done = run_server_process(env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"configuration error: {variable}: cannot read /no/such.pem: No such file or directory"]
+
+
+TOKENS = {"GRPC_AUTH_TOKEN": "old-token-1b2c, new-token-9f8e"}
+
+
+def test_calls_without_a_valid_token_are_refused_and_touch_nothing(database, caplog):
+    upload(database, "chair")
+    before = everything(database)
+    tokens = server.load_config(TOKENS).auth_tokens
+    with caplog.at_level(logging.DEBUG), serving(database, auth_tokens=tokens) as (stub_, _, channel):
+        codes = []
+        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "old-token-1b2c")],
+                         [("authorization", "Basic old-token-1b2c")]):
+            with pytest.raises(grpc.RpcError) as refused:
+                delete(stub_, "chair", metadata=metadata)
+            codes.append(refused.value.code())
+        with pytest.raises(grpc.RpcError) as reflection_refused:
+            list_services(channel)
+    assert set(codes) == {grpc.StatusCode.UNAUTHENTICATED}
+    assert reflection_refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert everything(database) == before
+    assert "token-" not in caplog.text
+
+
+def test_every_listed_token_is_accepted_so_tokens_can_be_rotated(database):
+    upload(database, "chair")
+    upload(database, "table")
+    tokens = server.load_config(TOKENS).auth_tokens
+    with serving(database, auth_tokens=tokens) as (stub_, _, channel):
+        old = delete(stub_, "chair", metadata=[("authorization", "Bearer old-token-1b2c")])
+        new = delete(stub_, "table", metadata=[("authorization", "Bearer new-token-9f8e")])
+        services = list_services(channel, metadata=[("authorization", "Bearer new-token-9f8e")])
+    assert (old.deleted_images, new.deleted_images) == (1, 1)
+    assert "image_service.ImageService" in services
+
+
+def test_health_needs_no_token(database):
+    with serving(database, auth_tokens=("secret-token",)) as (_, _, channel):
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert reply.status == SERVING
+
+
+def test_the_client_speaks_tls_mtls_and_tokens_and_checks_health(database, certificates, capsys):
+    upload(database, "chair")
+    settings_ = {**tls_settings(certificates, mutual=True), "auth_tokens": ("token-a",)}
+    with serving(database, **settings_) as (_, running, _):
+        tls = ["--address", f"127.0.0.1:{running.port}", "--tls-ca", certificates["ca"],
+               "--tls-cert", certificates["client_cert"], "--tls-key", certificates["client_key"]]
+        health_code = client_cli.main(["health", *tls])
+        refused_code = client_cli.main(["chair", *tls])
+        deleted_code = client_cli.main(["chair", *tls, "--token", "token-a", "--timeout", "5"])
+    out, err = capsys.readouterr()
+    assert (health_code, refused_code, deleted_code) == (0, 3, 0)
+    assert out.splitlines()[0] == "SERVING"
+    assert "call failed: UNAUTHENTICATED" in err
+    assert out.splitlines()[1].startswith("chair\tok\tOUTCOME_DELETED")
+
+
+# ---------------------------------------------------------------------------
+# Logs
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def root_logging():
+    """Puts the root logger back as it was after configure_logging."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def test_json_logs_are_one_object_per_line(root_logging, tmp_path):
+    config = server.load_config({"LOG_FORMAT": "json"})
+    with open(tmp_path / "log", "w+") as stream:
+        server.configure_logging(config, stream)
+        server.log.info("DeleteImageByModelId model_id=%r", 'a"b')
+        stream.seek(0)
+        (line,) = stream.read().splitlines()
+    entry = json.loads(line)
+    assert (entry["level"], entry["logger"], entry["message"]) == ("INFO", "image_service",
+                                                                   "DeleteImageByModelId model_id='a\"b'")
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_format):
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word', "LOG_FORMAT": log_format,
+                                 "GRPC_AUTH_TOKEN": "tok-1,tok-2"})
+    with open(tmp_path / "log", "w+") as stream:
+        server.configure_logging(config, stream)
+        try:
+            raise RuntimeError(f"auth failed for {config.mongo_uri} with tok-2")
+        except RuntimeError:
+            server.log.exception("failure: %s", 'p@ss"word')
+        stream.seek(0)
+        text = stream.read()
+    assert "failure" in text
+    for secret in ("p@ss", "p%40ss", "tok-1", "tok-2"):
+        assert secret not in text
