@@ -651,11 +651,12 @@ def start_server(config, db):
     address = f"{_host_in_uri(config.grpc_host)}:{config.grpc_port}"
     credentials = _server_credentials(config)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    # A ping with the interval as timeout: a dead MongoDB shows as
-    # NOT_SERVING within two intervals.
+    # NOT_SERVING until the first ping answers. Each ping waits at most an
+    # interval, so a dead MongoDB shows as NOT_SERVING within two intervals.
+    for service in ("", SERVICE_NAME):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     monitor = MongoHealthMonitor(health_servicer, db.client, config.health_interval_s,
                                  min(config.health_interval_s, config.mongo_timeout_s))
-    monitor.check()
     monitor.start()
     server.start()
     return RunningServer(server, port, health_servicer, monitor)

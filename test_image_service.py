@@ -676,11 +676,11 @@ def test_sigterm_lets_a_delete_in_flight_finish_then_exits_0(tmp_path, wire):
     in_flight = running.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
     assert reached.wait(10)
 
-    watch = health_pb2_grpc.HealthStub(running.channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
-    assert next(watch).status == SERVING
+    updates = watch_health(running.channel)
+    assert wait_for_status(updates, SERVING)
     running.process.send_signal(signal.SIGTERM)
-    assert next(watch).status == NOT_SERVING  # shutdown has begun, the delete is still running
-    watch.cancel()
+    assert next(updates).status == NOT_SERVING  # shutdown has begun, the delete is still running
+    updates.cancel()
     release.set()
 
     assert in_flight.result().deleted_images == 1
@@ -719,14 +719,13 @@ def test_the_client_reports_a_server_it_cannot_reach(capsys):
 
 
 def watch_health(channel, service=""):
-    """The health service's stream of statuses for ``service``."""
-    stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=20)
-    return (update.status for update in stream)
+    """The health service's stream of updates for ``service``."""
+    return health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=service), timeout=20)
 
 
-def wait_for_status(statuses, wanted):
-    for status in statuses:
-        if status == wanted:
+def wait_for_status(updates, wanted):
+    for update in updates:
+        if update.status == wanted:
             return True
     return False
 
@@ -736,24 +735,26 @@ def test_health_follows_mongodb_down_and_back_up(service):
     port = closed_port()
     mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true", serverSelectionTimeoutMS=100)
     with serving_on(mongo, mongo_timeout_s=0.2) as (_, _, channel):
-        statuses = watch_health(channel, service)
-        assert wait_for_status(statuses, NOT_SERVING)
+        updates = watch_health(channel, service)
+        assert wait_for_status(updates, NOT_SERVING)
         stand_in = WireMongo(port=port)
         try:
-            assert wait_for_status(statuses, SERVING)
+            assert wait_for_status(updates, SERVING)
             stand_in.hang()
-            assert wait_for_status(statuses, NOT_SERVING)
+            assert wait_for_status(updates, NOT_SERVING)
         finally:
+            updates.cancel()
             stand_in.stop()
 
 
 def test_health_reports_not_serving_as_soon_as_shutdown_begins(database):
     with serving(database) as (_, running, channel):
-        statuses = watch_health(channel, "image_service.ImageService")
-        assert next(statuses) == SERVING
+        updates = watch_health(channel, "image_service.ImageService")
+        assert wait_for_status(updates, SERVING)
         stopping = threading.Thread(target=running.stop, args=(5,))
         stopping.start()
-        assert next(statuses) == NOT_SERVING
+        assert next(updates).status == NOT_SERVING
+        updates.cancel()
         stopping.join()
 
 
@@ -919,6 +920,9 @@ def test_every_listed_token_is_accepted_so_tokens_can_be_rotated(database):
 
 def test_health_needs_no_token(database):
     with serving(database, auth_tokens=("secret-token",)) as (_, _, channel):
+        updates = watch_health(channel)
+        assert wait_for_status(updates, SERVING)
+        updates.cancel()
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     assert reply.status == SERVING
 
@@ -929,6 +933,7 @@ def test_the_client_speaks_tls_mtls_and_tokens_and_checks_health(database, certi
     with serving(database, **settings_) as (_, running, _):
         tls = ["--address", f"127.0.0.1:{running.port}", "--tls-ca", certificates["ca"],
                "--tls-cert", certificates["client_cert"], "--tls-key", certificates["client_key"]]
+        running.monitor.check()  # the first ping has answered
         health_code = client_cli.main(["health", *tls])
         refused_code = client_cli.main(["chair", *tls])
         deleted_code = client_cli.main(["chair", *tls, "--token", "token-a", "--timeout", "5"])
