@@ -986,3 +986,91 @@ def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_fo
     assert "failure" in text
     for secret in ("p@ss", "p%40ss", "tok-1", "tok-2"):
         assert secret not in text
+
+
+# ---------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------
+
+
+def delete_batch(stub_, model_ids, timeout=10, **kwargs):
+    request = pb2.DeleteImagesRequest(model_ids=model_ids)
+    return stub_.DeleteImagesByModelIds(request, timeout=timeout, **kwargs).results
+
+
+def test_a_batch_answers_one_result_per_id_in_request_order(database, stub):
+    upload(database, "chair")
+    upload(database, "table")
+    upload(database, "table")
+    upload(database, "lamp")
+
+    results = delete_batch(stub, ["table", "sofa", "chair"])
+
+    assert [r.model_id for r in results] == ["table", "sofa", "chair"]
+    assert [(r.success, r.outcome, r.deleted_images, r.deleted_files) for r in results] == [
+        (True, pb2.OUTCOME_DELETED, 2, 2), (True, pb2.OUTCOME_NOTHING_TO_DELETE, 0, 0),
+        (True, pb2.OUTCOME_DELETED, 1, 1)]
+    assert [d["model_id"] for d in database.images.find()] == ["lamp"]
+    assert_store_consistent(database)
+
+
+def test_an_invalid_id_in_a_batch_fails_alone(database, stub):
+    upload(database, "chair")
+    results = delete_batch(stub, ["", "chair", "x" * 300])
+    assert [r.outcome for r in results] == [
+        pb2.OUTCOME_INVALID_ARGUMENT, pb2.OUTCOME_DELETED, pb2.OUTCOME_INVALID_ARGUMENT]
+    assert (results[0].message, results[2].message) == ("model_id is empty", "model_id is longer than 256 characters")
+    assert images_of(database, "chair") == []
+
+
+def test_duplicate_ids_in_a_batch_each_get_the_same_result(database, stub):
+    upload(database, "chair")
+    upload(database, "chair")
+    first, second = delete_batch(stub, ["chair", "chair"])
+    assert first == second
+    assert (first.deleted_images, first.deleted_files) == (2, 2)
+
+
+def test_an_empty_batch_answers_no_results(database, stub):
+    assert list(delete_batch(stub, [])) == []
+
+
+def test_a_batch_of_1000_is_accepted_and_1001_is_invalid_argument(database, stub):
+    upload(database, "model-999")
+    results = delete_batch(stub, [f"model-{i}" for i in range(1000)])
+    with pytest.raises(grpc.RpcError) as refused:
+        delete_batch(stub, [f"model-{i}" for i in range(1001)])
+    assert len(results) == 1000 and results[999].deleted_images == 1
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "at most 1000 model ids per call, got 1001"
+
+
+def test_a_batch_reports_references_to_files_already_gone(database, stub):
+    gone = upload(database, "chair")
+    upload(database, "table")
+    database["fs.files"].delete_one({"_id": gone})
+    chair, table = delete_batch(stub, ["chair", "table"])
+    assert (chair.deleted_images, table.deleted_images) == (1, 1)
+    assert "1 file reference of this batch pointed at files already gone" in chair.message
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+@pytest.mark.parametrize("models", [40, 1000])
+def test_a_batch_costs_four_commands_whatever_its_size(wire, models):
+    for i in range(models):
+        upload(wire.db, f"model-{i}", data=b"jpeg")
+        upload(wire.db, f"model-{i}", data=b"jpeg")
+    with serving_on(wire.client(), mongo_timeout_s=60) as (stub_, _, _):
+        results = delete_batch(stub_, [f"model-{i}" for i in range(models)], timeout=60)
+    assert {(r.deleted_images, r.deleted_files) for r in results} == {(2, 2)}
+    assert wire.names() == ["find", "delete", "delete", "delete"]
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_the_client_sends_several_ids_as_one_batch(wire, capsys):
+    upload(wire.db, "chair")
+    upload(wire.db, "table")
+    with serving_on(wire.client()) as (_, running, _):
+        code = client_cli.main(["chair", "table", "sofa", "--address", f"127.0.0.1:{running.port}"])
+    assert code == 0 and len(capsys.readouterr().out.splitlines()) == 3
+    assert wire.names() == ["find", "delete", "delete", "delete"]
