@@ -313,8 +313,9 @@ def read_images(db, model_ids):
     """
     wanted = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
     found = {model_id: ModelImages() for model_id in model_ids}
+    forms = list(wanted)
     cursor = db.images.find(
-        {"model_id": {"$in": list(wanted)}},
+        {"model_id": forms[0] if len(forms) == 1 else {"$in": forms}},
         {"model_id": 1, "image_id": 1},
         batch_size=READ_BATCH_SIZE,
     )
