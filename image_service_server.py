@@ -643,6 +643,8 @@ def start_server(config, db):
         # Past this many calls at once, gRPC answers RESOURCE_EXHAUSTED at
         # once instead of queueing without bound.
         maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        # A second instance on the same port must fail, not share it.
+        options=[("grpc.so_reuseport", 0)],
     )
     pb2_grpc.add_ImageServiceServicer_to_server(ImageServiceServicer(db, config.mongo_timeout_s), server)
     health_servicer = health.HealthServicer()
@@ -668,7 +670,10 @@ def serve(config, db, describe):
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-    running = start_server(config, db)
+    try:
+        running = start_server(config, db)
+    except RuntimeError as error:  # gRPC's way of saying the port is taken
+        raise ConfigError(f"GRPC_PORT: cannot listen on {config.grpc_host}:{config.grpc_port}") from error
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
     log.info("serving %s on %s:%d (%s%s), database %s", SERVICE_NAME, config.grpc_host, running.port,
              tls, ", bearer tokens" if config.auth_tokens else "", describe)
@@ -730,12 +735,13 @@ class OrphanReport:
     dangling_metadata_ids: list  # images documents whose file is gone or invalid
 
 
-def find_orphans(db, min_age_s):
+def find_orphans(db, min_age_s, now=None):
     """Scans images, then files, then chunks (the reverse of the order in
     which uploads write them), so an upload in progress never looks like a
     dangling reference. Files and chunks younger than ``min_age_s`` are not
     counted: they may belong to an upload that has not finished."""
-    cutoff = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=min_age_s)
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    cutoff = now - datetime.timedelta(seconds=min_age_s)
     references = {}
     for document in db.images.find({}, {"image_id": 1}):
         references[document["_id"]] = referenced_file_id(document.get("image_id"))
@@ -775,8 +781,9 @@ def sweep_orphans(db, report, apply_files, batch_size):
     return removed
 
 
-def run_sweep(db, args, out=sys.stdout):
-    report = find_orphans(db, args.min_age_s)
+def run_sweep(db, args, out=sys.stdout, now=None):
+    """Prints the orphan report, and sweeps when told to."""
+    report = find_orphans(db, args.min_age_s, now)
     for label, ids in (("chunks without a file (by files_id)", report.chunk_file_ids),
                        ("files no images document references", report.unreferenced_file_ids),
                        ("images documents whose file is gone", report.dangling_metadata_ids)):
@@ -838,8 +845,12 @@ def main(argv=None):
         db, describe = client[config.mongo_db], describe_database(config)
     if args.sweep_orphans:
         run_sweep(db, args)
-    else:
+        return 0
+    try:
         serve(config, db, describe)
+    except ConfigError as error:
+        print(f"configuration error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

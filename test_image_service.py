@@ -12,6 +12,7 @@ failed or dropped.
 import contextlib
 import datetime
 import filecmp
+import io
 import json
 import logging
 import os
@@ -205,6 +206,12 @@ class WireMongo:
         self._mockup.stop()
 
     def _handle(self, request):
+        try:
+            return self._respond(request)
+        except OSError:  # The client gave up on this connection: nobody to answer.
+            return True
+
+    def _respond(self, request):
         name = request.command_name
         if name in ("ismaster", "isMaster", "hello"):
             return request.ok(self.HELLO)
@@ -500,13 +507,27 @@ def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
 # ---------------------------------------------------------------------------
 
 
-def test_an_unreachable_database_is_reported_as_unavailable(caplog):
-    client = pymongo.MongoClient(f"mongodb://svc:s3cret%40pw@127.0.0.1:{closed_port()}/",
-                                 serverSelectionTimeoutMS=300)
-    with serving_on(client, mongo_timeout_s=0.3) as (stub_, _, _):
+def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw", "MONGO_HOST": "127.0.0.1",
+                                 "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
+    with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
+        started = time.monotonic()
         reply = delete(stub_, "chair")
+        elapsed = time.monotonic() - started
     assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
     assert reply.message == "database unavailable or too slow; retry later"
+    assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
+    assert "s3cret" not in caplog.text
+
+
+def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_server_process({"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(port)}, "--in-memory", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}"
 
 
 def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):
@@ -1074,3 +1095,243 @@ def test_the_client_sends_several_ids_as_one_batch(wire, capsys):
         code = client_cli.main(["chair", "table", "sofa", "--address", f"127.0.0.1:{running.port}"])
     assert code == 0 and len(capsys.readouterr().out.splitlines()) == 3
     assert wire.names() == ["find", "delete", "delete", "delete"]
+
+
+# ---------------------------------------------------------------------------
+# Under faults: what a failure at any point leaves
+# ---------------------------------------------------------------------------
+
+
+def leftovers(db, model_id):
+    """Anything of the model's still stored: metadata, or files by name."""
+    return images_of(db, model_id) + list(db["fs.files"].find({"filename": f"{model_id}.jpg"}))
+
+
+@pytest.mark.parametrize("fault", ["error", "drop-before", "drop-after"])
+@pytest.mark.parametrize("command", [1, 2, 3, 4], ids=["find", "delete-files", "delete-chunks", "delete-metadata"])
+def test_a_failure_at_any_command_leaves_a_state_the_next_call_completes(wire, command, fault):
+    for _ in range(3):
+        upload(wire.db, "chair")
+    upload(wire.db, "table")
+    bystander = model_data(wire.db, "table")
+    wire.faults[command] = fault
+
+    with serving_on(wire.client()) as (stub_, _, _):
+        first = delete(stub_, "chair")
+        assert command not in wire.faults, "the fault was not reached"
+        if first.success:
+            assert leftovers(wire.db, "chair") == []
+        else:
+            assert first.outcome in (pb2.OUTCOME_UNAVAILABLE, pb2.OUTCOME_INTERNAL)
+        second = delete(stub_, "chair")
+
+    assert second.success
+    assert leftovers(wire.db, "chair") == []
+    assert_store_consistent(wire.db)
+    assert model_data(wire.db, "table") == bystander
+
+
+def test_a_server_killed_mid_delete_leaves_a_state_the_restarted_server_completes(tmp_path, wire):
+    for _ in range(3):
+        upload(wire.db, "chair")
+    upload(wire.db, "table")
+    bystander = model_data(wire.db, "table")
+    reached, killed = threading.Event(), threading.Event()
+    wire.faults[3] = lambda: (reached.set(), killed.wait(20))  # hold the chunks delete
+    first = ServerProcess(tmp_path, {"MONGO_URI": wire.uri})
+    in_flight = first.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
+    assert reached.wait(10)
+
+    first.process.kill()
+    first.process.wait(timeout=10)
+    killed.set()  # the database had the command: it completes without its caller
+    with pytest.raises(grpc.RpcError):
+        in_flight.result()
+    second = ServerProcess(tmp_path, {"MONGO_URI": wire.uri})
+    reply = second.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=10)
+    assert second.stop() == 0
+
+    assert (reply.success, reply.deleted_images) == (True, 3)
+    assert "3 references pointed at a file already gone" in reply.message
+    assert leftovers(wire.db, "chair") == []
+    assert_store_consistent(wire.db)
+    assert model_data(wire.db, "table") == bystander
+
+
+# ---------------------------------------------------------------------------
+# Under arbitrary input
+# ---------------------------------------------------------------------------
+
+QUERY_LOOK_ALIKES = ['{"$ne": null}', '{"$gt": ""}', "$ne", "$where", ".*", "^", "/.*/", "*", "", " "]
+
+
+def look_alikes(model_id):
+    """Ids that a sloppy match would confuse with ``model_id``."""
+    return {model_id, model_id.strip(), f" {model_id}", f"{model_id} ", f"{model_id}\t", model_id.upper(),
+            model_id.lower(), model_id.casefold(), f"^{model_id}$", f"{model_id}.*", f"{model_id}\u00a0",
+            *QUERY_LOOK_ALIKES}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(model_id=st.one_of(st.text(max_size=40), st.sampled_from(QUERY_LOOK_ALIKES),
+                          st.builds(lambda oid: str(oid), st.builds(ObjectId))))
+def test_only_exact_matches_are_ever_deleted(model_id):
+    db = mongomock.MongoClient().db
+    stored = look_alikes(model_id)
+    for candidate in stored:
+        upload(db, candidate, data=b"jpeg")
+
+    (reply,) = server.delete_and_describe(db, [model_id], timeout_s=5)
+
+    remaining = sorted(d["model_id"] for d in db.images.find())
+    if reply.outcome == pb2.OUTCOME_INVALID_ARGUMENT:
+        assert remaining == sorted(stored)
+    else:
+        assert reply.deleted_images == 1
+        assert remaining == sorted(stored - {model_id})
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server():
+    db = mongomock.MongoClient().db
+    upload(db, "chair")
+    with serving(db) as (stub_, _, channel):
+        yield db, stub_, channel
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(method=st.sampled_from(["DeleteImageByModelId", "DeleteImagesByModelIds"]), body=st.binary(max_size=300))
+def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method, body):
+    db, stub_, channel = fuzzed_server
+    raw_call = channel.unary_unary(f"/image_service.ImageService/{method}")
+    try:
+        raw_call(body, timeout=5)
+    except grpc.RpcError as error:  # A body that is no request is refused as such.
+        assert error.code() == grpc.StatusCode.INTERNAL
+    assert delete(stub_, "no-such-model").outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert len(images_of(db, "chair")) == 1
+
+
+# ---------------------------------------------------------------------------
+# Under load (the short form of load_image_service.py)
+# ---------------------------------------------------------------------------
+
+
+def test_thousands_of_concurrent_deletes_succeed_or_are_shed_and_memory_stays_flat():
+    import load_image_service as load
+
+    running, model_ids = load.start_in_memory(models=300, images=2, max_concurrent_rpcs=100)
+    try:
+        report = load.run_load(f"127.0.0.1:{running.port}", model_ids, calls=3000, concurrency=32,
+                               max_seconds=60, warm_up_calls=1000)
+    finally:
+        running.stop(0)
+    assert report.calls == 3000
+    assert report.errors == 0, report.results
+    assert report.results["OK OUTCOME_DELETED"] == 300
+    assert report.rss_growth_kib < 16 * 1024, f"resident memory grew {report.rss_growth_kib} KiB"
+
+
+# ---------------------------------------------------------------------------
+# Maintenance: the orphan report and sweep
+# ---------------------------------------------------------------------------
+
+
+def old_service_leftovers(db):
+    """A store as the old service left it, beside healthy models.
+
+    The old service removed a model's first image only, and did so in steps
+    that could stop half-way: a file document removed with its chunks left
+    behind and its metadata still pointing at it; metadata removed with its
+    file left behind.
+    """
+    upload(db, "chair")
+    upload(db, "chair")
+    half_deleted = upload(db, "table")
+    upload(db, "table")
+    db["fs.files"].delete_one({"_id": half_deleted})
+    unreferenced = upload(db, "lamp")
+    db.images.delete_one({"image_id": str(unreferenced)})
+    (dangling,) = db.images.find({"image_id": str(half_deleted)})
+    invalid = db.images.insert_one({"name": "sofa.jpg", "image_id": "not-an-id", "model_id": "sofa"}).inserted_id
+    return {"chunks": [half_deleted], "files": [unreferenced], "metadata": {dangling["_id"], invalid}}
+
+
+def a_second_later():
+    return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+
+
+def test_the_orphan_report_finds_each_kind_of_leftover():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = server.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report.chunk_file_ids == expected["chunks"]
+    assert report.unreferenced_file_ids == expected["files"]
+    assert set(report.dangling_metadata_ids) == expected["metadata"]
+
+
+def test_files_and_chunks_younger_than_the_minimum_age_are_not_reported():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    report = server.find_orphans(db, min_age_s=3600)
+    assert (report.chunk_file_ids, report.unreferenced_file_ids) == ([], [])
+
+
+def sweep(db, *flags, now=None):
+    args = server.parse_arguments(["--sweep-orphans", "--min-age-s", "0", *flags])
+    out = io.StringIO()
+    server.run_sweep(db, args, out=out, now=now or a_second_later())
+    return out.getvalue()
+
+
+def test_the_sweep_changes_nothing_without_apply():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    before = everything(db)
+    output = sweep(db)
+    assert everything(db) == before
+    assert "1  chunks without a file" in output and "report only: nothing changed" in output
+
+
+def test_apply_removes_orphan_chunks_and_dangling_metadata_but_keeps_files():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    healthy = model_data(db, "chair")
+    output = sweep(db, "--apply")
+    assert db["fs.chunks"].count_documents({"files_id": expected["chunks"][0]}) == 0
+    assert db.images.count_documents({"_id": {"$in": list(expected["metadata"])}}) == 0
+    assert db["fs.files"].count_documents({"_id": expected["files"][0]}) == 1
+    assert model_data(db, "chair") == healthy and len(images_of(db, "table")) == 1
+    assert "removed 2 chunks, 2 images documents, 0 files" in output
+
+
+def test_apply_files_removes_unreferenced_files_too_and_leaves_a_consistent_store():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    healthy = model_data(db, "chair")
+    sweep(db, "--apply", "--apply-files")
+    assert_store_consistent(db)
+    assert model_data(db, "chair") == healthy and len(images_of(db, "table")) == 1
+
+
+def test_the_sweep_deletes_in_batches_of_the_given_size(wire):
+    for number in range(5):
+        gone = upload(wire.db, f"model-{number}")
+        wire.db["fs.files"].delete_one({"_id": gone})
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--batch-size", "2")
+    deletes = [c for c in wire.commands if "delete" in c]
+    sizes = [len(next(iter(c["deletes"][0]["q"].values()))["$in"]) for c in deletes]
+    assert sizes == [2, 2, 1, 2, 2, 1]
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_the_sweep_runs_from_the_command_line(tmp_path, wire):
+    expected = old_service_leftovers(wire.db)
+    done = run_server_process({"MONGO_URI": wire.uri}, "--sweep-orphans", "--min-age-s", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    chunks, files, metadata, verdict = done.stdout.splitlines()
+    assert chunks == f"       1  chunks without a file (by files_id): {expected['chunks'][0]}"
+    assert files == f"       1  files no images document references: {expected['files'][0]}"
+    assert metadata.startswith("       2  images documents whose file is gone: ")
+    assert verdict.startswith("report only: nothing changed")
