@@ -18,6 +18,7 @@ Run ``python image_service_server.py --help`` for the command line.
 """
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import hmac
@@ -385,11 +386,11 @@ def describe_deletion(model_id, images):
         )
     notes = [f"deleted {_plural(count, 'image')} and {_plural(images.deleted_files, 'file')}"]
     if images.files_already_gone:
-        notes.append(f"{_plural(images.files_already_gone, 'reference')} pointed at a file already gone")
+        notes.append(f"{_plural(images.files_already_gone, 'reference')} to a file already gone")
     if images.batch_files_already_gone:
-        notes.append(f"{_plural(images.batch_files_already_gone, 'file reference')} of this batch pointed at files already gone")
+        notes.append(f"{_plural(images.batch_files_already_gone, 'reference')} in this batch to a file already gone")
     if images.invalid_references:
-        notes.append(f"{_plural(images.invalid_references, 'image_id')} was not a valid file id")
+        notes.append(f"{_plural(images.invalid_references, 'reference')} had no valid file id")
     return pb2.DeleteImageResponse(
         success=True,
         outcome=pb2.OUTCOME_DELETED,
@@ -467,10 +468,7 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"at most {MAX_BATCH_SIZE} model ids per call, got {len(request.model_ids)}")
         replies = delete_and_describe(self._db, list(request.model_ids), self._database_budget(context))
-        outcomes = {}
-        for reply in replies:
-            name = pb2.Outcome.Name(reply.outcome)
-            outcomes[name] = outcomes.get(name, 0) + 1
+        outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
         log.info(
             "DeleteImagesByModelIds models=%d outcomes=%s deleted_images=%d deleted_files=%d ms=%.1f",
             len(replies), outcomes, sum(r.deleted_images for r in replies),
@@ -510,7 +508,8 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
 
 
 def _refusing_handler(handler, code, details):
-    """A handler of the same streaming kind as ``handler`` that only aborts."""
+    """A handler of the same streaming kind as ``handler`` that only aborts,
+    without so much as parsing the request."""
     def refuse(request_or_iterator, context):
         context.abort(code, details)
 
@@ -521,7 +520,7 @@ def _refusing_handler(handler, code, details):
         (True, False): grpc.stream_unary_rpc_method_handler,
         (True, True): grpc.stream_stream_rpc_method_handler,
     }[kind]
-    return make(refuse, handler.request_deserializer, handler.response_serializer)
+    return make(refuse)
 
 
 class MongoHealthMonitor:

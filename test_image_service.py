@@ -399,7 +399,7 @@ def test_metadata_pointing_at_a_file_already_gone_is_removed_and_reported(databa
     reply = delete(stub, "chair")
 
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 1)
-    assert "1 reference pointed at a file already gone" in reply.message
+    assert "1 reference to a file already gone" in reply.message
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -410,7 +410,7 @@ def test_metadata_with_an_invalid_image_id_is_removed_and_reported(database, stu
     reply = delete(stub, "chair")
 
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
-    assert "1 image_id was not a valid file id" in reply.message
+    assert "1 reference had no valid file id" in reply.message
     assert images_of(database, "chair") == []
 
 
@@ -1078,7 +1078,7 @@ def test_a_batch_reports_references_to_files_already_gone(database, stub):
     database["fs.files"].delete_one({"_id": gone})
     chair, table = delete_batch(stub, ["chair", "table"])
     assert (chair.deleted_images, table.deleted_images) == (1, 1)
-    assert "1 file reference of this batch pointed at files already gone" in chair.message
+    assert "1 reference in this batch to a file already gone" in chair.message
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -1158,7 +1158,7 @@ def test_a_server_killed_mid_delete_leaves_a_state_the_restarted_server_complete
     assert second.stop() == 0
 
     assert (reply.success, reply.deleted_images) == (True, 3)
-    assert "3 references pointed at a file already gone" in reply.message
+    assert "3 references to a file already gone" in reply.message
     assert leftovers(wire.db, "chair") == []
     assert_store_consistent(wire.db)
     assert model_data(wire.db, "table") == bystander
