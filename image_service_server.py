@@ -534,6 +534,7 @@ class MongoHealthMonitor:
         self._timeout_s = timeout_s
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mongo-health", daemon=True)
+        self._last_status = None
 
     def start(self):
         self._thread.start()
@@ -548,11 +549,18 @@ class MongoHealthMonitor:
                 self._client.admin.command("ping")
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception as error:  # Any failure to answer means not serving.
-            log.warning("MongoDB ping failed: %s", type(error).__name__)
             status = health_pb2.HealthCheckResponse.NOT_SERVING
-        if not self._stopped.is_set():
-            for service in ("", SERVICE_NAME):
-                self._health.set(service, status)
+            problem = type(error).__name__
+        if self._stopped.is_set():
+            return
+        if status != self._last_status:  # Log the changes, not every ping.
+            self._last_status = status
+            if status == health_pb2.HealthCheckResponse.SERVING:
+                log.info("health: SERVING, MongoDB answers")
+            else:
+                log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
+        for service in ("", SERVICE_NAME):
+            self._health.set(service, status)
 
     def _run(self):
         while not self._stopped.is_set():
