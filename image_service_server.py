@@ -783,6 +783,11 @@ def sweep_orphans(db, report, apply_files, batch_size):
         removed["images"] += db.images.delete_many({"_id": {"$in": batch}}).deleted_count
     if apply_files:
         for batch in _in_batches(report.unreferenced_file_ids, batch_size):
+            # A file is gone for good: look once more for a reference made
+            # since the scan, in either spelling of the id.
+            spellings = batch + [str(file_id) for file_id in batch]
+            taken = {referenced_file_id(d["image_id"]) for d in db.images.find({"image_id": {"$in": spellings}})}
+            batch = [file_id for file_id in batch if file_id not in taken]
             removed["files"] += db["fs.files"].delete_many({"_id": {"$in": batch}}).deleted_count
             removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
     return removed
@@ -851,7 +856,11 @@ def main(argv=None):
             return 2
         db, describe = client[config.mongo_db], describe_database(config)
     if args.sweep_orphans:
-        run_sweep(db, args)
+        try:
+            run_sweep(db, args)
+        except pymongo.errors.PyMongoError as error:
+            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__, error)
+            return 1
         return 0
     try:
         serve(config, db, describe)

@@ -1320,13 +1320,23 @@ def test_apply_files_removes_unreferenced_files_too_and_leaves_a_consistent_stor
     assert model_data(db, "chair") == healthy and len(images_of(db, "table")) == 1
 
 
+def test_apply_files_keeps_a_file_referenced_since_the_scan():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = server.find_orphans(db, min_age_s=0, now=a_second_later())
+    db.images.insert_one({"name": "lamp.jpg", "image_id": expected["files"][0], "model_id": "lamp"})
+    removed = server.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed["files"] == 0
+    assert db["fs.files"].count_documents({"_id": expected["files"][0]}) == 1
+
+
 def test_the_sweep_deletes_in_batches_of_the_given_size(wire):
     for number in range(5):
         gone = upload(wire.db, f"model-{number}")
         wire.db["fs.files"].delete_one({"_id": gone})
     with wire.client() as mongo:
         sweep(mongo["CatalogServiceDB"], "--apply", "--batch-size", "2")
-    deletes = [c for c in wire.commands if "delete" in c]
+    deletes = [c for c in wire.commands if "delete" in c]  # 5 orphan chunk sets, 5 dangling metadata
     sizes = [len(next(iter(c["deletes"][0]["q"].values()))["$in"]) for c in deletes]
     assert sizes == [2, 2, 1, 2, 2, 1]
     assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
@@ -1341,3 +1351,11 @@ def test_the_sweep_runs_from_the_command_line(tmp_path, wire):
     assert files == f"       1  files no images document references: {expected['files'][0]}"
     assert metadata.startswith("       2  images documents whose file is gone: ")
     assert verdict.startswith("report only: nothing changed")
+
+
+def test_a_sweep_that_cannot_reach_mongodb_says_so_and_exits_1(tmp_path):
+    env = {"MONGO_URI": f"mongodb://127.0.0.1:{closed_port()}/", "MONGO_TIMEOUT_MS": "300"}
+    done = run_server_process(env, "--sweep-orphans", "--apply", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "sweep failed, nothing more was changed: ServerSelectionTimeoutError" in done.stderr
+    assert "Traceback" not in done.stderr
