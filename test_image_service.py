@@ -10,6 +10,7 @@ failed or dropped.
 """
 
 import contextlib
+import dataclasses
 import datetime
 import filecmp
 import io
@@ -110,7 +111,7 @@ TEST_CONFIG = server.Config(
 @contextlib.contextmanager
 def serving(db, **settings_):
     """The service on an ephemeral port, and a stub for it."""
-    running = server.start_server(server.dataclasses.replace(TEST_CONFIG, **settings_), db)
+    running = server.start_server(dataclasses.replace(TEST_CONFIG, **settings_), db)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
