@@ -526,16 +526,6 @@ def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout
     assert "s3cret" not in caplog.text
 
 
-def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        done = run_server_process({"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(port)}, "--in-memory", cwd=tmp_path)
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}"
-
-
 def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):
     upload(wire.db, "chair")
     wire.faults[1] = "error"
@@ -623,6 +613,16 @@ def test_a_bad_setting_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'"]
+
+
+def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_server_process({"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(port)}, "--in-memory", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}"
 
 
 def test_settings_come_from_a_dotenv_file_and_the_environment_wins(tmp_path, monkeypatch):
