@@ -59,7 +59,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Everything the service reads from its environment."""
+    """Everything the service reads from its environment, with the defaults."""
 
     mongo_uri: str
     mongo_db: str = "CatalogServiceDB"
@@ -195,21 +195,21 @@ def load_config(env):
     secrets = (password, urllib.parse.quote_plus(password)) if password else ()
     return Config(
         mongo_uri=mongo_uri,
-        mongo_db=_text(env, "MONGO_DB", "CatalogServiceDB"),
-        mongo_timeout_s=_integer(env, "MONGO_TIMEOUT_MS", 5000, 1, 600_000) / 1000,
-        grpc_host=_text(env, "GRPC_HOST", "0.0.0.0"),
-        grpc_port=_integer(env, "GRPC_PORT", 5014, 0, 65535),
-        max_workers=_integer(env, "GRPC_MAX_WORKERS", 10, 1, 1000),
-        max_concurrent_rpcs=_integer(env, "GRPC_MAX_CONCURRENT_RPCS", 100, 1, 100_000),
-        reflection=_boolean(env, "GRPC_REFLECTION", True),
+        mongo_db=_text(env, "MONGO_DB", Config.mongo_db),
+        mongo_timeout_s=_integer(env, "MONGO_TIMEOUT_MS", int(Config.mongo_timeout_s * 1000), 1, 600_000) / 1000,
+        grpc_host=_text(env, "GRPC_HOST", Config.grpc_host),
+        grpc_port=_integer(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
+        max_workers=_integer(env, "GRPC_MAX_WORKERS", Config.max_workers, 1, 1000),
+        max_concurrent_rpcs=_integer(env, "GRPC_MAX_CONCURRENT_RPCS", Config.max_concurrent_rpcs, 1, 100_000),
+        reflection=_boolean(env, "GRPC_REFLECTION", Config.reflection),
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=client_ca,
         auth_tokens=tokens,
-        shutdown_grace_s=_seconds(env, "SHUTDOWN_GRACE_S", 10.0),
-        health_interval_s=_seconds(env, "HEALTH_CHECK_INTERVAL_S", 2.0),
-        log_level=_choice(env, "LOG_LEVEL", "INFO", ("debug", "info", "warning", "error")).upper(),
-        log_format=_choice(env, "LOG_FORMAT", "text", ("text", "json")),
+        shutdown_grace_s=_seconds(env, "SHUTDOWN_GRACE_S", Config.shutdown_grace_s),
+        health_interval_s=_seconds(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s),
+        log_level=_choice(env, "LOG_LEVEL", Config.log_level, ("debug", "info", "warning", "error")).upper(),
+        log_format=_choice(env, "LOG_FORMAT", Config.log_format, ("text", "json")),
         secrets=tuple(s for s in (*secrets, *_uri_password(mongo_uri), *tokens) if s),
     )
 
