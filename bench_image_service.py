@@ -190,7 +190,8 @@ def run(args):
                 return call
 
             scenarios = [
-                ("plain 4-command sequence, direct", 1, 1, lambda ids: [lambda m=m: plain_sequence(db, m) for m in ids]),
+                ("plain 4-command sequence, direct", 1, 1,
+                 lambda ids: [lambda m=m: plain_sequence(db, m) for m in ids]),
                 ("service deletion, direct", 1, 1,
                  lambda ids: [lambda m=m: server.delete_images_of_models(db, [m]) for m in ids]),
                 ("DeleteImageByModelId, concurrency 1", 1, 1, lambda ids: [single(m) for m in ids]),
