@@ -86,29 +86,17 @@ def _text(env, name, default=None):
     return env.get(name) or default
 
 
-def _integer(env, name, default, low, high):
+def _number(env, name, default, low, high, kind=int):
     raw = _text(env, name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = kind(raw)
     except ValueError:
         value = None
     if value is None or not low <= value <= high:
-        raise ConfigError(f"{name} must be a whole number from {low} to {high}, got {raw!r}")
-    return value
-
-
-def _seconds(env, name, default):
-    raw = _text(env, name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < 86400:
-        raise ConfigError(f"{name} must be a number of seconds above 0, got {raw!r}")
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError(f"{name} must be {what} from {low} to {high}, got {raw!r}")
     return value
 
 
@@ -155,7 +143,7 @@ def build_mongo_uri(env):
     if _text(env, "MONGO_URI"):
         return env["MONGO_URI"]
     host = _host_in_uri(_text(env, "MONGO_HOST", "localhost"))
-    port = _integer(env, "MONGO_PORT", 27017, 1, 65535)
+    port = _number(env, "MONGO_PORT", 27017, 1, 65535)
     user, password = _text(env, "MONGO_USER"), _text(env, "MONGO_PASSWORD")
     if not user:
         if password:
@@ -196,18 +184,18 @@ def load_config(env):
     return Config(
         mongo_uri=mongo_uri,
         mongo_db=_text(env, "MONGO_DB", Config.mongo_db),
-        mongo_timeout_s=_integer(env, "MONGO_TIMEOUT_MS", int(Config.mongo_timeout_s * 1000), 1, 600_000) / 1000,
+        mongo_timeout_s=_number(env, "MONGO_TIMEOUT_MS", int(Config.mongo_timeout_s * 1000), 1, 600_000) / 1000,
         grpc_host=_text(env, "GRPC_HOST", Config.grpc_host),
-        grpc_port=_integer(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
-        max_workers=_integer(env, "GRPC_MAX_WORKERS", Config.max_workers, 1, 1000),
-        max_concurrent_rpcs=_integer(env, "GRPC_MAX_CONCURRENT_RPCS", Config.max_concurrent_rpcs, 1, 100_000),
+        grpc_port=_number(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
+        max_workers=_number(env, "GRPC_MAX_WORKERS", Config.max_workers, 1, 1000),
+        max_concurrent_rpcs=_number(env, "GRPC_MAX_CONCURRENT_RPCS", Config.max_concurrent_rpcs, 1, 100_000),
         reflection=_boolean(env, "GRPC_REFLECTION", Config.reflection),
         tls_cert=cert,
         tls_key=key,
         tls_client_ca=client_ca,
         auth_tokens=tokens,
-        shutdown_grace_s=_seconds(env, "SHUTDOWN_GRACE_S", Config.shutdown_grace_s),
-        health_interval_s=_seconds(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s),
+        shutdown_grace_s=_number(env, "SHUTDOWN_GRACE_S", Config.shutdown_grace_s, 0.001, 3600, float),
+        health_interval_s=_number(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s, 0.001, 3600, float),
         log_level=_choice(env, "LOG_LEVEL", Config.log_level, ("debug", "info", "warning", "error")).upper(),
         log_format=_choice(env, "LOG_FORMAT", Config.log_format, ("text", "json")),
         secrets=tuple(s for s in (*secrets, *_uri_password(mongo_uri), *tokens) if s),
