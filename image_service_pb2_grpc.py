@@ -57,7 +57,9 @@ class ImageServiceServicer:
         """Deletes every image of one model. Safe to repeat: a model with no images
         left answers success: true with OUTCOME_NOTHING_TO_DELETE. Input and
         database problems are answered in the reply (success: false and an
-        outcome), never as a gRPC error status.
+        outcome); only the call itself fails with a gRPC status
+        (UNAUTHENTICATED without a valid token, RESOURCE_EXHAUSTED when the
+        server is full, DEADLINE_EXCEEDED).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
