@@ -571,6 +571,13 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
+def redact(text, secrets):
+    """``text`` with every secret blanked out, the longest first."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
 class _RedactingFormatter(logging.Formatter):
     """Wraps a formatter and blanks out secrets wherever they appear,
     tracebacks included, and in their JSON-escaped spelling too."""
@@ -578,14 +585,10 @@ class _RedactingFormatter(logging.Formatter):
     def __init__(self, inner, secrets):
         super().__init__()
         self._inner = inner
-        spellings = {form for s in secrets for form in (s, json.dumps(s, ensure_ascii=False)[1:-1])}
-        self._spellings = sorted(spellings, key=len, reverse=True)
+        self._spellings = {form for s in secrets for form in (s, json.dumps(s, ensure_ascii=False)[1:-1])}
 
     def format(self, record):
-        text = self._inner.format(record)
-        for secret in self._spellings:
-            text = text.replace(secret, "***")
-        return text
+        return redact(self._inner.format(record), self._spellings)
 
 
 def configure_logging(config, stream=None):
@@ -839,8 +842,9 @@ def main(argv=None):
     else:
         try:
             client = connect_to_mongo(config)
-        except pymongo.errors.ConfigurationError as error:
-            print(f"configuration error: MONGO_URI: {error}", file=sys.stderr)
+        except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
+            reason = redact(str(error).splitlines()[0], config.secrets)
+            print(f"configuration error: MONGO_URI: {reason}", file=sys.stderr)
             return 2
         db, describe = client[config.mongo_db], describe_database(config)
     if args.sweep_orphans:

@@ -189,8 +189,8 @@ class WireMongo:
         self.port = self._mockup.run()
         self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
 
-    def client(self, timeout_ms=2000, **options):
-        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms, **options)
+    def client(self, timeout_ms=2000):
+        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms)
 
     def names(self):
         return [next(iter(command)) for command in self.commands]
@@ -612,6 +612,15 @@ def test_a_bad_setting_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'"]
+
+
+@pytest.mark.parametrize("uri", ["mongodb://svc:hunter2@db:abc/", "mongodb://svc:hun@ter2@db/", "mysql://db/"])
+def test_a_bad_mongo_uri_stops_start_up_with_one_line_and_exit_code_2(tmp_path, uri):
+    done = run_server_process({"MONGO_URI": uri}, cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("configuration error: MONGO_URI: ")
+    assert "hunter2" not in line and "ter2" not in line
 
 
 def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
