@@ -11,7 +11,12 @@ images each, shaped as the upload service writes them, and measures:
   a single delete can be compared with;
 - the service's own deletion function, run the same way;
 - single DeleteImageByModelId calls, at concurrency 1 and C;
-- DeleteImagesByModelIds batches of B models.
+- DeleteImagesByModelIds batches of B models;
+- with --serving: the server alone, in a child process of its own with the
+  production settings (GRPC_MAX_WORKERS, GRPC_MAX_CONCURRENT_RPCS): single
+  deletes at concurrency 1, 10 and 50 against the same calls to a no-op
+  servicer on the same server setup (the gRPC floor), and health Check
+  latency while MongoDB hangs and the admission bound is full.
 
 Database commands are counted by the in-memory store's wrapper, or by pymongo
 command monitoring on a real server. Progress goes to stderr, a results table
@@ -20,8 +25,11 @@ test: nothing here runs in the test suite.
 """
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import sys
 import threading
@@ -31,6 +39,8 @@ from concurrent import futures
 import grpc
 import pymongo
 from pymongo import monitoring
+
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
@@ -162,8 +172,9 @@ def measure(name, calls, concurrency, models_per_call, counter):
     return Result(name, len(calls) * models_per_call, seconds, latencies, counter.count - start_count)
 
 
-def check_single(reply):
-    if not reply.success or reply.outcome != pb2.OUTCOME_DELETED:
+def check_single(reply, kind="delete"):
+    expected = pb2.OUTCOME_DELETED if kind == "delete" else pb2.OUTCOME_NOTHING_TO_DELETE
+    if not reply.success or reply.outcome != expected:
         raise RuntimeError(f"delete failed: {reply}")
 
 
@@ -235,6 +246,131 @@ def print_table(rows, extra, out=sys.stdout):
         print(f"{name}: {value}", file=out)
 
 
+# ---------------------------------------------------------------------------
+# --serving: the server on its own, against the gRPC floor
+# ---------------------------------------------------------------------------
+
+
+class NoOpServicer(pb2_grpc.ImageServiceServicer):
+    """Answers at once and touches nothing: what a call costs in gRPC alone."""
+
+    def DeleteImageByModelId(self, request, context):
+        return pb2.DeleteImageResponse(success=True, outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
+                                       model_id=request.model_id)
+
+
+def start_in_background(config, db, servicer=None):
+    """The service started as production starts it; ``.port``, ``.stop()``."""
+    return server.start_server(config, db, servicer=servicer)
+
+
+def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
+    """Runs in the child: serves, seeds models when asked, stops when told."""
+    import mongomock
+
+    db = SlowDatabase(mongomock.MongoClient()[database], latency_ms / 1000, CommandCounter())
+    config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
+                                 mongo_timeout_s=60, max_concurrent_rpcs=max_concurrent_rpcs)
+    running = start_in_background(config, db, NoOpServicer() if kind == "no-op" else None)
+    connection.send(running.port)
+    while (message := connection.recv())[0] == "seed":
+        _, prefix, models, images, image_kib = message
+        connection.send(seed(db, prefix, models, images, bytes(image_kib * 1024)))
+    running.stop(0)
+
+
+@contextlib.contextmanager
+def child_server(kind, latency_ms, max_concurrent_rpcs=100, database="ImageServiceBench"):
+    """A server in a process of its own (so the load generator does not
+    share its interpreter); yields the pipe to it and a stub."""
+    parent_end, child_end = multiprocessing.Pipe()
+    process = multiprocessing.get_context("fork").Process(
+        target=_child_server, args=(child_end, kind, latency_ms, max_concurrent_rpcs, database), daemon=True)
+    process.start()
+    port = parent_end.recv()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield parent_end, pb2_grpc.ImageServiceStub(channel), channel
+    finally:
+        process.kill()
+        process.join()
+
+
+def rate_and_latency(calls, concurrency):
+    """Runs the calls at ``concurrency``; calls/s, p50 and p99 in ms."""
+    def timed(call):
+        begin = time.perf_counter()
+        call()
+        return (time.perf_counter() - begin) * 1000
+
+    started = time.perf_counter()
+    with futures.ThreadPoolExecutor(concurrency) as pool:
+        latencies = sorted(pool.map(timed, calls))
+    seconds = time.perf_counter() - started
+    return len(calls) / seconds, statistics.median(latencies), latencies[int(len(latencies) * 0.99)]
+
+
+def serving_rows(args):
+    """Deletes and no-op calls at concurrency 1, 10 and 50, per store latency."""
+    rows = []
+    for latency_ms in (0.0, args.latency_ms):
+        for kind in ("no-op", "delete"):
+            with child_server(kind, latency_ms) as (pipe, stub, _):
+                for concurrency in (1, 10, 50):
+                    rates, p50s, p99s = [], [], []
+                    for round_number in range(args.rounds):
+                        pipe.send(("seed", f"s{concurrency}-{round_number}", args.serving_calls // args.rounds,
+                                   args.images if kind == "delete" else 0, args.image_kib))
+                        model_ids = pipe.recv()
+                        rate, p50, p99 = rate_and_latency([
+                            lambda m=m: check_single(stub.DeleteImageByModelId(
+                                pb2.DeleteImageRequest(model_id=m), timeout=60), kind)
+                            for m in model_ids], concurrency)
+                        rates.append(rate), p50s.append(p50), p99s.append(p99)
+                    row = {"store": f"in memory +{latency_ms:g} ms", "servicer": kind, "concurrency": concurrency,
+                           "calls_per_s": round(statistics.median(rates), 1),
+                           "p50_ms": round(statistics.median(p50s), 2), "p99_ms": round(statistics.median(p99s), 2)}
+                    rows.append(row)
+                    print(f"  {row}", file=sys.stderr, flush=True)
+    return rows
+
+
+def serving_ratios(rows):
+    """Deletes/s over no-op calls/s, per store latency and concurrency."""
+    rate = {(r["store"], r["servicer"], r["concurrency"]): r["calls_per_s"] for r in rows}
+    return {f"{store}, concurrency {c}: deletes/s over no-op calls/s": round(rate[store, "delete", c] / noop, 3)
+            for (store, kind, c), noop in rate.items() if kind == "no-op" and c > 1}
+
+
+def health_under_saturation(checks=200, bound=20):
+    """Health Check latency while MongoDB hangs and ``bound`` deletes fill
+    the admission bound."""
+    with child_server("delete", latency_ms=3_600_000, max_concurrent_rpcs=bound) as (_, stub, channel):
+        hung = [stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=120)
+                for i in range(bound)]
+        while True:  # Until one more delete is shed: the bound is full.
+            try:
+                stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="one-more"), timeout=0.5)
+            except grpc.RpcError as error:
+                if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    break
+        check = health_pb2_grpc.HealthStub(channel).Check
+        latencies, refused = [], collections.Counter()
+        for _ in range(checks):
+            begin = time.perf_counter()
+            try:
+                check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+                latencies.append((time.perf_counter() - begin) * 1000)
+            except grpc.RpcError as error:
+                refused[error.code().name] += 1
+        for call in hung:
+            call.cancel()
+    latencies.sort()
+    answered = {"p50_ms": round(statistics.median(latencies), 2),
+                "p99_ms": round(latencies[int(len(latencies) * 0.99)], 2)} if latencies else {}
+    return {"checks": checks, "answered": len(latencies), "refused": dict(refused), **answered}
+
+
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--mongo-uri", help="a real MongoDB (default: in memory, with --latency-ms per command)")
@@ -247,11 +383,31 @@ def parse_arguments(argv):
     parser.add_argument("--concurrency", type=int, default=8, help="concurrent single calls (C)")
     parser.add_argument("--batch", type=int, default=40, help="models per batch call (B)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")
+    parser.add_argument("--serving", action="store_true",
+                        help="measure the server itself instead: deletes against a no-op servicer, and health")
+    parser.add_argument("--serving-calls", type=int, default=1500, help="calls per serving scenario")
     return parser.parse_args(argv)
+
+
+def print_serving(rows, ratios, health, out=sys.stdout):
+    columns = ["store", "servicer", "concurrency", "calls_per_s", "p50_ms", "p99_ms"]
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
+    for row in [dict(zip(columns, columns)), *rows]:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)), file=out)
+    for name, value in ratios.items():
+        print(f"{name}: {value}", file=out)
+    print(f"health Check while MongoDB hangs and the admission bound is full: {health}", file=out)
 
 
 def main(argv=None):
     args = parse_arguments(argv)
+    if args.serving:
+        rows = serving_rows(args)
+        ratios, health = serving_ratios(rows), health_under_saturation()
+        print_serving(rows, ratios, health)
+        with open(args.json, "w") as file:
+            json.dump({"settings": vars(args), "serving": rows, "ratios": ratios, "health": health}, file, indent=2)
+        return
     rows = run(args)
     extra = comparisons(rows, args.batch)
     print_table(rows, extra)

@@ -631,9 +631,10 @@ def _server_credentials(config):
     )
 
 
-def start_server(config, db):
+def start_server(config, db, servicer=None):
     """Builds the server for ``db`` and starts it on the configured address
-    (port 0 picks a free one). Returns it running; the caller stops it."""
+    (port 0 picks a free one). Returns it running; the caller stops it.
+    ``servicer`` replaces the ImageService (the benchmark's no-op floor)."""
     interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
@@ -644,7 +645,7 @@ def start_server(config, db):
         # A second instance on the same port must fail, not share it.
         options=[("grpc.so_reuseport", 0)],
     )
-    pb2_grpc.add_ImageServiceServicer_to_server(ImageServiceServicer(db, config.mongo_timeout_s), server)
+    pb2_grpc.add_ImageServiceServicer_to_server(servicer or ImageServiceServicer(db, config.mongo_timeout_s), server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
