@@ -182,7 +182,7 @@ def run(args):
     db, counter = open_database(args)
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_workers=max(args.concurrency, 4), mongo_timeout_s=60)
-    running = server.start_server(config, db)
+    running = server.BackgroundServer(config, db)
     image = bytes(args.image_kib * 1024)
     results = []
     try:
@@ -254,14 +254,9 @@ def print_table(rows, extra, out=sys.stdout):
 class NoOpServicer(pb2_grpc.ImageServiceServicer):
     """Answers at once and touches nothing: what a call costs in gRPC alone."""
 
-    def DeleteImageByModelId(self, request, context):
+    async def DeleteImageByModelId(self, request, context):
         return pb2.DeleteImageResponse(success=True, outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
                                        model_id=request.model_id)
-
-
-def start_in_background(config, db, servicer=None):
-    """The service started as production starts it; ``.port``, ``.stop()``."""
-    return server.start_server(config, db, servicer=servicer)
 
 
 def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
@@ -271,7 +266,7 @@ def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
     db = SlowDatabase(mongomock.MongoClient()[database], latency_ms / 1000, CommandCounter())
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  mongo_timeout_s=60, max_concurrent_rpcs=max_concurrent_rpcs)
-    running = start_in_background(config, db, NoOpServicer() if kind == "no-op" else None)
+    running = server.BackgroundServer(config, db, NoOpServicer() if kind == "no-op" else None)
     connection.send(running.port)
     while (message := connection.recv())[0] == "seed":
         _, prefix, models, images, image_kib = message

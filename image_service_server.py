@@ -18,10 +18,14 @@ Run ``python image_service_server.py --help`` for the command line.
 """
 
 import argparse
+import asyncio
 import collections
+import contextlib
+import contextvars
 import dataclasses
 import datetime
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -31,6 +35,7 @@ import threading
 import time
 import unicodedata
 import urllib.parse
+import uuid
 from concurrent import futures
 
 import dotenv
@@ -73,6 +78,7 @@ class Config:
     tls_key: bytes | None = None
     tls_client_ca: bytes | None = None
     auth_tokens: tuple[str, ...] = ()
+    shutdown_delay_s: float = 0.0
     shutdown_grace_s: float = 10.0
     health_interval_s: float = 2.0
     log_level: str = "INFO"
@@ -194,6 +200,7 @@ def load_config(env):
         tls_key=key,
         tls_client_ca=client_ca,
         auth_tokens=tokens,
+        shutdown_delay_s=_number(env, "SHUTDOWN_DELAY_S", Config.shutdown_delay_s, 0, 3600, float),
         shutdown_grace_s=_number(env, "SHUTDOWN_GRACE_S", Config.shutdown_grace_s, 0.001, 3600, float),
         health_interval_s=_number(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s, 0.001, 3600, float),
         log_level=_choice(env, "LOG_LEVEL", Config.log_level, ("debug", "info", "warning", "error")).upper(),
@@ -389,12 +396,14 @@ def describe_deletion(model_id, images):
     )
 
 
-def delete_and_describe(db, model_ids, timeout_s):
+def delete_and_describe(db, model_ids, deadline):
     """One reply per requested id, in order: invalid ids are answered without
-    touching anything, the valid ones are deleted together within
-    ``timeout_s``, and a database failure is reported on each of them."""
+    touching anything, the valid ones are deleted together before
+    ``deadline`` (``time.monotonic()``), and a database failure is reported
+    on each of them."""
     reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
     valid = [model_id for model_id, reason in reasons.items() if reason is None]
+    timeout_s = deadline - time.monotonic()
     try:
         if valid and timeout_s <= 0:
             raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
@@ -419,8 +428,16 @@ def delete_and_describe(db, model_ids, timeout_s):
 
 
 # ---------------------------------------------------------------------------
-# 4. The servicer, tokens, health and logging
+# 4. The calls: the servicer and the interceptors around it
 # ---------------------------------------------------------------------------
+#
+# The protocol runs on one asyncio event loop; only database work runs on
+# threads (GRPC_MAX_WORKERS of them). A call passes through, outermost first:
+# CallInterceptor (request id, parsing, one log line), BearerTokenInterceptor
+# (tokens), Admission (the bound on deletes in flight), then the servicer.
+
+MAX_REQUEST_ID_LENGTH = 64
+SHOWN_IDS = 5  # model ids named in a batch's log line
 
 
 def _shown(model_id, limit=80):
@@ -428,45 +445,173 @@ def _shown(model_id, limit=80):
     return repr(model_id[:limit]) + ("..." if len(model_id) > limit else "")
 
 
-class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
-    """The ImageService methods of image_service.proto."""
+def _shown_ids(model_ids):
+    shown = ",".join(_shown(model_id) for model_id in model_ids[:SHOWN_IDS])
+    return shown + (f",...(+{len(model_ids) - SHOWN_IDS})" if len(model_ids) > SHOWN_IDS else "")
 
-    def __init__(self, db, mongo_timeout_s):
+
+def request_id_of(metadata):
+    """The caller's ``x-request-id``, bounded and reduced to safe characters,
+    or a new one."""
+    given = dict(metadata or ()).get("x-request-id", "")
+    if isinstance(given, bytes):
+        given = given.decode("ascii", "replace")
+    safe = "".join(ch for ch in given if ch.isascii() and (ch.isalnum() or ch in "-_.:/"))
+    return safe[:MAX_REQUEST_ID_LENGTH] or uuid.uuid4().hex
+
+
+@dataclasses.dataclass
+class Call:
+    """One call as its log line tells it; the servicer fills in ``summary``."""
+
+    method: str
+    request_id: str
+    peer: str
+    model_ids: list = dataclasses.field(default_factory=list)
+    summary: str = ""
+
+
+CURRENT_CALL = contextvars.ContextVar("current_call")
+
+
+class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
+    """The ImageService methods of image_service.proto. Each runs the
+    deletion on a database thread and awaits it, so the event loop stays
+    free for other calls, health checks and reflection."""
+
+    def __init__(self, db, mongo_timeout_s, database_threads):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
+        self._threads = database_threads
 
-    def _database_budget(self, context):
-        """MONGO_TIMEOUT_MS, or less when the caller's deadline is nearer."""
+    async def _delete(self, model_ids, context):
+        # The budget runs from now: time spent waiting for a free database
+        # thread counts against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
-        return self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
+        budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
+        deadline = time.monotonic() + budget
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, delete_and_describe, self._db, model_ids, deadline)
 
-    def DeleteImageByModelId(self, request, context):
-        started = time.monotonic()
-        (reply,) = delete_and_describe(self._db, [request.model_id], self._database_budget(context))
-        log.info(
-            "DeleteImageByModelId model_id=%s outcome=%s deleted_images=%d deleted_files=%d ms=%.1f",
-            _shown(request.model_id), pb2.Outcome.Name(reply.outcome),
-            reply.deleted_images, reply.deleted_files, (time.monotonic() - started) * 1000)
+    async def DeleteImageByModelId(self, request, context):
+        (reply,) = await self._delete([request.model_id], context)
+        CURRENT_CALL.get().summary = (
+            f"outcome={pb2.Outcome.Name(reply.outcome)} deleted_images={reply.deleted_images}"
+            f" deleted_files={reply.deleted_files}")
         return reply
 
-    def DeleteImagesByModelIds(self, request, context):
-        started = time.monotonic()
+    async def DeleteImagesByModelIds(self, request, context):
         if len(request.model_ids) > MAX_BATCH_SIZE:
-            context.abort(
+            await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"at most {MAX_BATCH_SIZE} model ids per call, got {len(request.model_ids)}")
-        replies = delete_and_describe(self._db, list(request.model_ids), self._database_budget(context))
+        replies = await self._delete(list(request.model_ids), context)
         outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
-        log.info(
-            "DeleteImagesByModelIds models=%d outcomes=%s deleted_images=%d deleted_files=%d ms=%.1f",
-            len(replies), outcomes, sum(r.deleted_images for r in replies),
-            sum(r.deleted_files for r in replies), (time.monotonic() - started) * 1000)
+        CURRENT_CALL.get().summary = (
+            f"outcomes={outcomes} deleted_images={sum(r.deleted_images for r in replies)}"
+            f" deleted_files={sum(r.deleted_files for r in replies)}")
         return pb2.DeleteImagesResponse(results=replies)
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
+def _rewrapped(handler, behavior, request_deserializer):
+    """A handler of the same streaming kind as ``handler``, with another
+    behavior and request deserializer."""
+    kind = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")[
+        2 * handler.request_streaming + handler.response_streaming]
+    make = getattr(grpc, f"{kind}_rpc_method_handler")
+    return make(behavior, request_deserializer=request_deserializer,
+                response_serializer=handler.response_serializer)
+
+
+def _behavior_of(handler):
+    return (handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream)
+
+
+async def _run_behavior(behavior, request, context):
+    """Runs a handler's behavior, whether a coroutine or an async generator."""
+    result = behavior(request, context)
+    if inspect.isasyncgen(result):
+        async for response in result:
+            await context.write(response)
+        return None
+    return await result
+
+
+class _Unparsable:
+    """Stands in for a request body that does not parse."""
+
+
+class CallInterceptor(grpc.aio.ServerInterceptor):
+    """Around every call: a request id (the caller's ``x-request-id`` or a new
+    one, returned in the trailing metadata), a request body that does not
+    parse answered with INVALID_ARGUMENT and no traceback, and one log line
+    with method, status, request id and peer. Health and reflection calls
+    log at DEBUG: probes would flood the log."""
+
+    _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method = handler_call_details.method
+        method = full_method.rsplit("/", 1)[-1]
+        level = logging.DEBUG if full_method.startswith(self._QUIET_PREFIXES) else logging.INFO
+        metadata = handler_call_details.invocation_metadata
+
+        def parse(body, deserialize=handler.request_deserializer):
+            try:
+                return deserialize(body) if deserialize else body
+            except Exception:  # Bad bytes are the caller's problem, not ours.
+                return _Unparsable()
+
+        async def behavior(request, context):
+            call = Call(method, request_id_of(metadata), context.peer(), _model_ids_of(request))
+            CURRENT_CALL.set(call)
+            context.set_trailing_metadata((("x-request-id", call.request_id),))
+            started, status = time.monotonic(), "OK"
+            try:
+                if isinstance(request, _Unparsable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                        "the request body is not a valid message (bad bytes or invalid UTF-8)")
+                return await _run_behavior(_behavior_of(handler), request, context)
+            except asyncio.CancelledError:
+                status = "CANCELLED"
+                raise
+            except grpc.aio.AbortError:
+                status = context.code().name if context.code() else "UNKNOWN"
+                raise
+            except Exception:
+                status = "UNKNOWN"
+                log.exception("%s request_id=%s failed unexpectedly", method, call.request_id)
+                raise
+            finally:
+                _log_call(call, status, level, (time.monotonic() - started) * 1000)
+
+        return _rewrapped(handler, behavior, handler.request_deserializer if handler.request_streaming else parse)
+
+
+def _model_ids_of(request):
+    if isinstance(request, pb2.DeleteImageRequest):
+        return [request.model_id]
+    if isinstance(request, pb2.DeleteImagesRequest):
+        return list(request.model_ids)
+    return []
+
+
+def _log_call(call, status, level, ms):
+    ids = (f" model_id={_shown(call.model_ids[0])}" if call.method == "DeleteImageByModelId" and call.model_ids
+           else f" models={len(call.model_ids)} ids={_shown_ids(call.model_ids)}" if call.model_ids else "")
+    if status != "OK":
+        level = logging.WARNING
+    log.log(level, "%s status=%s request_id=%s peer=%s%s%s ms=%.1f", call.method, status, call.request_id,
+            call.peer, ids, f" {call.summary}" if call.summary else "", ms)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuses, with UNAUTHENTICATED, every call that lacks
-    ``authorization: Bearer <token>`` for one of the accepted tokens.
+    ``authorization: Bearer <token>`` for one of the accepted tokens,
+    without so much as parsing its request.
 
     Several tokens are accepted at once so they can be rotated. Health checks
     need none: probes carry no credentials.
@@ -487,60 +632,112 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
             matched |= hmac.compare_digest(given.encode(), token)
         return matched
 
-    def intercept_service(self, continuation, handler_call_details):
-        handler = continuation(handler_call_details)
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
         if (handler is None or handler_call_details.method.startswith(self._EXEMPT_PREFIX)
                 or self._authorized(handler_call_details.invocation_metadata)):
             return handler
-        return _refusing_handler(handler, grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        async def refuse(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+        return _rewrapped(handler, refuse, None)
 
 
-def _refusing_handler(handler, code, details):
-    """A handler of the same streaming kind as ``handler`` that only aborts,
-    without so much as parsing the request."""
-    def refuse(request_or_iterator, context):
-        context.abort(code, details)
+class Admission(grpc.aio.ServerInterceptor):
+    """Bounds the ImageService calls in flight (GRPC_MAX_CONCURRENT_RPCS);
+    past it, RESOURCE_EXHAUSTED at once. Health and reflection are never
+    counted. A call leaves as soon as it ends, is cancelled or passes its
+    deadline, even while its database thread finishes in the background.
+    Knows what is in flight, so a shutdown can say what it abandoned."""
 
-    kind = (handler.request_streaming, handler.response_streaming)
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[kind]
-    return make(refuse)
+    def __init__(self, bound):
+        self._bound = bound
+        self._in_flight = {}  # task -> Call
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.stopping = False
+
+    @property
+    def in_flight(self):
+        return len(self._in_flight)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
+            return handler
+
+        async def admitted(request, context):
+            if len(self._in_flight) >= self._bound:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"server busy: {self._bound} deletes in flight; retry with backoff")
+            task = asyncio.current_task()
+            self._in_flight[task] = CURRENT_CALL.get()
+            self._idle.clear()
+            try:
+                return await _run_behavior(_behavior_of(handler), request, context)
+            except asyncio.CancelledError:
+                if self.stopping:
+                    self._log_abandoned(self._in_flight[task])
+                raise
+            finally:
+                del self._in_flight[task]
+                if not self._in_flight:
+                    self._idle.set()
+
+        return _rewrapped(handler, admitted, handler.request_deserializer)
+
+    async def wait_idle(self, timeout_s):
+        """Until no ImageService call is in flight, or ``timeout_s`` passes."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+
+    def abandon_all(self):
+        """Logs every call still in flight as abandoned (exiting now)."""
+        for call in self._in_flight.values():
+            self._log_abandoned(call)
+        self._in_flight.clear()
+
+    @staticmethod
+    def _log_abandoned(call):
+        log.warning("abandoned at shutdown: %s request_id=%s %s; safe to retry (files go before metadata)",
+                    call.method, call.request_id, _shown_ids(call.model_ids))
 
 
 class MongoHealthMonitor:
     """Keeps the standard health service in step with MongoDB: SERVING while
-    a ping answers within the timeout, NOT_SERVING while it does not."""
+    a ping answers within the timeout, NOT_SERVING while it does not. Pings
+    run on a thread of their own, so they never wait behind deletes."""
 
     def __init__(self, health_servicer, client, interval_s, timeout_s):
         self._health = health_servicer
         self._client = client
         self._interval_s = interval_s
         self._timeout_s = timeout_s
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="mongo-health", daemon=True)
+        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mongo-health")
+        self._task = None
         self._last_status = None
 
     def start(self):
-        self._thread.start()
+        self._task = asyncio.ensure_future(self._run())
 
     def stop(self):
-        self._stopped.set()
+        if self._task:
+            self._task.cancel()
+        self._thread.shutdown(wait=False)
 
-    def check(self):
+    def _ping(self):
+        with pymongo.timeout(self._timeout_s):
+            self._client.admin.command("ping")
+
+    async def check(self):
         """Pings MongoDB once and publishes the result."""
         try:
-            with pymongo.timeout(self._timeout_s):
-                self._client.admin.command("ping")
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._ping)
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception as error:  # Any failure to answer means not serving.
             status = health_pb2.HealthCheckResponse.NOT_SERVING
             problem = type(error).__name__
-        if self._stopped.is_set():
-            return
         if status != self._last_status:  # Log the changes, not every ping.
             self._last_status = status
             if status == health_pb2.HealthCheckResponse.SERVING:
@@ -548,12 +745,12 @@ class MongoHealthMonitor:
             else:
                 log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
         for service in ("", SERVICE_NAME):
-            self._health.set(service, status)
+            await self._health.set(service, status)
 
-    def _run(self):
-        while not self._stopped.is_set():
-            self.check()
-            self._stopped.wait(self._interval_s)
+    async def _run(self):
+        while True:
+            await self.check()
+            await asyncio.sleep(self._interval_s)
 
 
 class _JsonFormatter(logging.Formatter):
@@ -607,18 +804,27 @@ def configure_logging(config, stream=None):
 
 @dataclasses.dataclass
 class RunningServer:
-    """A started server: its gRPC server, bound port and health reporting."""
+    """A started server: its gRPC server, bound port, health and admission."""
 
-    server: grpc.Server
+    server: grpc.aio.Server
     port: int
-    health: health.HealthServicer
+    health: health.aio.HealthServicer
     monitor: MongoHealthMonitor
+    admission: Admission
+    database_threads: futures.Executor
 
-    def stop(self, grace_s):
-        """Reports NOT_SERVING first, then lets calls in flight finish."""
+    async def stop(self, grace_s, delay_s=0.0):
+        """The drain: NOT_SERVING at once; new calls still accepted for
+        ``delay_s`` (so load balancers can notice); then none; calls in
+        flight get ``grace_s`` to finish, and the rest are abandoned."""
         self.monitor.stop()
-        self.health.enter_graceful_shutdown()
-        self.server.stop(grace_s).wait()
+        await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(delay_s)
+        self.admission.stopping = True
+        await self.server.stop(grace_s)
+        # Abandoned calls log as their cancellation reaches them.
+        await self.admission.wait_idle(1.0)
+        self.database_threads.shutdown(wait=False)  # A hung one ends within MONGO_TIMEOUT_MS.
 
 
 def _server_credentials(config):
@@ -631,22 +837,21 @@ def _server_credentials(config):
     )
 
 
-def start_server(config, db, servicer=None):
+async def start_server(config, db, servicer=None):
     """Builds the server for ``db`` and starts it on the configured address
-    (port 0 picks a free one). Returns it running; the caller stops it.
-    ``servicer`` replaces the ImageService (the benchmark's no-op floor)."""
-    interceptors = [BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=interceptors,
-        # Past this many calls at once, gRPC answers RESOURCE_EXHAUSTED at
-        # once instead of queueing without bound.
-        maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-        # A second instance on the same port must fail, not share it.
-        options=[("grpc.so_reuseport", 0)],
-    )
-    pb2_grpc.add_ImageServiceServicer_to_server(servicer or ImageServiceServicer(db, config.mongo_timeout_s), server)
-    health_servicer = health.HealthServicer()
+    (port 0 picks a free one), on the running event loop. Returns it running;
+    the caller stops it. ``servicer`` replaces the ImageService (the
+    benchmark's no-op floor)."""
+    admission = Admission(config.max_concurrent_rpcs)
+    interceptors = [CallInterceptor(),
+                    *([BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []),
+                    admission]
+    # A second instance on the same port must fail, not share it.
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
+    database_threads = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="mongo")
+    pb2_grpc.add_ImageServiceServicer_to_server(
+        servicer or ImageServiceServicer(db, config.mongo_timeout_s, database_threads), server)
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -656,29 +861,60 @@ def start_server(config, db, servicer=None):
     # NOT_SERVING until the first ping answers. Each ping waits at most an
     # interval, so a dead MongoDB shows as NOT_SERVING within two intervals.
     for service in ("", SERVICE_NAME):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     monitor = MongoHealthMonitor(health_servicer, db.client, config.health_interval_s,
                                  min(config.health_interval_s, config.mongo_timeout_s))
+    await server.start()
     monitor.start()
-    server.start()
-    return RunningServer(server, port, health_servicer, monitor)
+    return RunningServer(server, port, health_servicer, monitor, admission, database_threads)
 
 
-def serve(config, db, describe):
-    """Serves until SIGTERM or SIGINT, then shuts down gracefully."""
-    stop_requested = threading.Event()
+class BackgroundServer:
+    """The server on an event loop of its own, in a thread: for embedding
+    it in synchronous code (the tests, the benchmark, the load run)."""
+
+    def __init__(self, config, db, servicer=None):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
+        self._thread.start()
+        self.running = self.run(start_server(config, db, servicer))
+        self.port = self.running.port
+
+    def run(self, coroutine, timeout_s=None):
+        """Runs a coroutine on the server's loop and returns its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
+
+    def stop(self, grace_s=0.0, delay_s=0.0):
+        """Drains as the process does at SIGTERM, then ends the loop; again: nothing."""
+        if self._loop.is_running():
+            self.run(self.running.stop(grace_s, delay_s))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+
+
+async def serve(config, db, describe):
+    """Serves until SIGTERM or SIGINT, then drains (see RunningServer.stop);
+    a second signal during the drain exits at once."""
+    loop = asyncio.get_running_loop()
+    signals = asyncio.Queue()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
+        loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        running = start_server(config, db)
-    except RuntimeError as error:  # gRPC's way of saying the port is taken
+        running = await start_server(config, db)
+    except RuntimeError as error:  # gRPC's way of saying it cannot listen
         raise ConfigError(f"GRPC_PORT: cannot listen on {config.grpc_host}:{config.grpc_port}") from error
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
     log.info("serving %s on %s:%d (%s%s), database %s", SERVICE_NAME, config.grpc_host, running.port,
              tls, ", bearer tokens" if config.auth_tokens else "", describe)
-    stop_requested.wait()
-    log.info("shutting down: finishing calls in flight for up to %.0f s", config.shutdown_grace_s)
-    running.stop(config.shutdown_grace_s)
+    await signals.get()
+    log.info("shutting down: NOT_SERVING now, new calls accepted for %g s more, then calls in flight get"
+             " up to %g s", config.shutdown_delay_s, config.shutdown_grace_s)
+    drain = asyncio.ensure_future(running.stop(config.shutdown_grace_s, config.shutdown_delay_s))
+    second_signal = asyncio.ensure_future(signals.get())
+    await asyncio.wait((drain, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    if not drain.done():
+        log.warning("second signal: exiting now, without waiting for calls in flight")
+        running.admission.abandon_all()
     log.info("stopped")
 
 
@@ -856,12 +1092,22 @@ def main(argv=None):
             return 1
         return 0
     try:
-        serve(config, db, describe)
+        asyncio.run(serve(config, db, describe))
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     return 0
 
 
+def exit_now(code):
+    """Exits without waiting for database threads: a delete abandoned at
+    shutdown may still be waiting on MongoDB (up to MONGO_TIMEOUT_MS), and
+    the interpreter would join its thread. Its work is safe to abandon."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -107,7 +107,7 @@ def start_in_memory(models, images, max_concurrent_rpcs):
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_concurrent_rpcs=max_concurrent_rpcs)
     # Half the calls go to models that never had images.
-    return server.start_server(config, db), model_ids + [f"unknown-{i}" for i in range(models)]
+    return server.BackgroundServer(config, db), model_ids + [f"unknown-{i}" for i in range(models)]
 
 
 def print_report(report, out=sys.stdout):

@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -110,7 +111,7 @@ TEST_CONFIG = server.Config(
 @contextlib.contextmanager
 def serving(db, **settings_):
     """The service on an ephemeral port, and a stub for it."""
-    running = server.start_server(dataclasses.replace(TEST_CONFIG, **settings_), db)
+    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
@@ -845,6 +846,105 @@ def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
 
 
 # ---------------------------------------------------------------------------
+# Serving on the event loop: admission, health and the drain
+# ---------------------------------------------------------------------------
+
+
+def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full(wire):
+    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=3,
+                    max_concurrent_rpcs=3) as (stub_, _, channel):
+        wire.hang()
+        held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=30)
+                for i in range(3)]
+        for _ in held:
+            assert wire.arrivals.acquire(timeout=10)
+        with pytest.raises(grpc.RpcError) as shed:
+            delete(stub_, "one-more")
+        check = health_pb2_grpc.HealthStub(channel).Check
+        answered_in = []
+        for _ in range(20):
+            started = time.monotonic()
+            check(health_pb2.HealthCheckRequest(service="image_service.ImageService"), timeout=2)
+            answered_in.append(time.monotonic() - started)
+        wire.recover()
+        outcomes = {call.result().outcome for call in held}
+    assert shed.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert max(answered_in) < 0.1
+    assert outcomes == {pb2.OUTCOME_NOTHING_TO_DELETE}
+
+
+def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(database):
+    upload(database, "chair")
+    with serving(database, max_workers=2) as (stub_, _, channel):
+        reflection_stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        inboxes = [queue.Queue() for _ in range(20)]
+        streams = [reflection_stub.ServerReflectionInfo(iter(inbox.get, None), timeout=30) for inbox in inboxes]
+        for inbox, stream in zip(inboxes, streams):
+            inbox.put(request)
+            assert next(stream).list_services_response.service  # open, and answered once
+        reply = stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=2)
+        for inbox in inboxes:
+            inbox.put(None)
+    assert (reply.success, reply.deleted_images) == (True, 1)
+
+
+def test_a_cancelled_call_frees_its_admission_slot_at_once(wire):
+    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, running, _):
+        wire.hang()
+        first = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)
+        assert wire.arrivals.acquire(timeout=10)
+        first.cancel()
+        # Its database thread still waits on the hung MongoDB, but its slot is free:
+        running.run(running.running.admission.wait_idle(10))
+        second = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="second"), timeout=30)
+        assert wire.arrivals.acquire(timeout=10)  # admitted, and at the database
+        wire.recover()
+        assert second.result().outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+
+
+def test_sigterm_with_mongodb_hung_exits_0_within_the_grace_and_names_the_abandoned_call(tmp_path, wire):
+    running = ServerProcess(tmp_path, {"MONGO_URI": wire.uri, "MONGO_TIMEOUT_MS": "60000", "SHUTDOWN_GRACE_S": "1"})
+    wire.hang()
+    stuck = running.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=60)
+    assert wire.arrivals.acquire(timeout=10)
+    signalled = time.monotonic()
+    running.process.send_signal(signal.SIGTERM)
+    code = running.process.wait(timeout=30)
+    took = time.monotonic() - signalled
+    lines = running.log().strip().splitlines()
+    assert code == 0 and took < 1 + 1
+    assert any("abandoned at shutdown: DeleteImageByModelId" in line and "'chair'" in line for line in lines)
+    assert lines[-1].endswith("stopped")
+    with pytest.raises(grpc.RpcError):
+        stuck.result()
+
+
+def test_during_the_shutdown_delay_health_is_not_serving_and_deletes_still_succeed(tmp_path):
+    running = ServerProcess(tmp_path, {"SHUTDOWN_DELAY_S": "30", "HEALTH_CHECK_INTERVAL_S": "0.1"}, "--in-memory")
+    updates = watch_health(running.channel, "image_service.ImageService")
+    assert wait_for_status(updates, SERVING)
+    running.process.send_signal(signal.SIGTERM)
+    assert next(updates).status == NOT_SERVING
+    updates.cancel()
+    reply = running.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="sample-chair"), timeout=5)
+    assert (reply.success, reply.deleted_images) == (True, 2)
+    assert running.stop() == 0  # the second signal: no waiting out the 30 s
+
+
+def test_a_second_signal_during_the_drain_exits_at_once(tmp_path):
+    running = ServerProcess(tmp_path, {"SHUTDOWN_DELAY_S": "30"}, "--in-memory")
+    running.process.send_signal(signal.SIGTERM)
+    grpc.channel_ready_future(running.channel).result(timeout=10)
+    health_pb2_grpc.HealthStub(running.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    signalled = time.monotonic()
+    assert running.stop(signal.SIGINT) == 0
+    assert time.monotonic() - signalled < 5
+    lines = running.log().strip().splitlines()
+    assert "second signal: exiting now" in running.log() and lines[-1].endswith("stopped")
+
+
+# ---------------------------------------------------------------------------
 # TLS, mTLS and tokens
 # ---------------------------------------------------------------------------
 
@@ -969,7 +1069,7 @@ def test_the_client_speaks_tls_mtls_and_tokens_and_checks_health(database, certi
     with serving(database, **settings_) as (_, running, _):
         tls = ["--address", f"127.0.0.1:{running.port}", "--tls-ca", certificates["ca"],
                "--tls-cert", certificates["client_cert"], "--tls-key", certificates["client_key"]]
-        running.monitor.check()  # the first ping has answered
+        running.run(running.running.monitor.check())  # the first ping has answered
         health_code = client_cli.main(["health", *tls])
         refused_code = client_cli.main(["chair", *tls])
         deleted_code = client_cli.main(["chair", *tls, "--token", "token-a", "--timeout", "5"])
@@ -1196,7 +1296,7 @@ def test_only_exact_matches_are_ever_deleted(model_id):
     for candidate in stored:
         upload(db, candidate, data=b"jpeg")
 
-    (reply,) = server.delete_and_describe(db, [model_id], timeout_s=5)
+    (reply,) = server.delete_and_describe(db, [model_id], deadline=time.monotonic() + 5)
 
     remaining = sorted(d["model_id"] for d in db.images.find())
     if reply.outcome == pb2.OUTCOME_INVALID_ARGUMENT:
@@ -1222,7 +1322,7 @@ def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method,
     try:
         raw_call(body, timeout=5)
     except grpc.RpcError as error:  # A body that is no request is refused as such.
-        assert error.code() == grpc.StatusCode.INTERNAL
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert delete(stub_, "no-such-model").outcome == pb2.OUTCOME_NOTHING_TO_DELETE
     assert len(images_of(db, "chair")) == 1
 
