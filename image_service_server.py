@@ -24,12 +24,17 @@ import contextlib
 import contextvars
 import dataclasses
 import datetime
+import errno
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import os
+import re
 import signal
+import socket
+import ssl
 import sys
 import threading
 import time
@@ -42,6 +47,7 @@ import dotenv
 import grpc
 import pymongo
 import pymongo.errors
+import pymongo.uri_parser
 from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -135,6 +141,63 @@ def _file_bytes(env, name):
         raise ConfigError(f"{name}: cannot read {path}: {error.strerror}") from None
 
 
+def _check_tls_files(env):
+    """Loads the TLS files as gRPC will, so that a garbage file or a key
+    that does not belong to the certificate stops start-up here, by name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    for name in ("GRPC_TLS_CERT", "GRPC_TLS_CLIENT_CA"):
+        if _text(env, name):
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=env[name])
+            except (ssl.SSLError, ValueError):
+                raise ConfigError(f"{name}: no PEM certificate in {env[name]}") from None
+    try:
+        context.load_cert_chain(env["GRPC_TLS_CERT"], env["GRPC_TLS_KEY"], password=b"")
+    except (ssl.SSLError, ValueError) as error:
+        problem = ("does not belong to the certificate in GRPC_TLS_CERT" if "KEY_VALUES_MISMATCH" in str(error)
+                   else "is not an unencrypted PEM private key")
+        raise ConfigError(f"GRPC_TLS_KEY: {env['GRPC_TLS_KEY']} {problem}") from None
+
+
+MIN_SECRET_LENGTH = 16
+
+
+def redact(text, secrets):
+    """``text`` with every whole secret blanked out, the longest first. Only
+    whole ones: blanking a secret's letters inside other words would show
+    where it occurs, and so tell it."""
+    for secret in sorted(secrets, key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
+    return text
+
+
+def _auth_tokens(env):
+    """The accepted bearer tokens. Set but empty of tokens, or a token too
+    short to be a secret (or to be redacted reliably), stops start-up:
+    authentication must never be off by accident."""
+    raw = env.get("GRPC_AUTH_TOKEN")
+    if not raw:
+        return ()
+    tokens = tuple(token.strip() for token in raw.split(",") if token.strip())
+    if not tokens:
+        raise ConfigError("GRPC_AUTH_TOKEN is set but holds no token; unset it to serve without tokens")
+    for number, token in enumerate(tokens, 1):
+        if len(token) < MIN_SECRET_LENGTH:
+            raise ConfigError(f"GRPC_AUTH_TOKEN: token {number} of {len(tokens)} is shorter than"
+                              f" {MIN_SECRET_LENGTH} characters")
+    return tokens
+
+
+def _mongo_host(env):
+    host = _text(env, "MONGO_HOST", "localhost")
+    with contextlib.suppress(ValueError):
+        return str(ipaddress.ip_address(host))
+    if not re.fullmatch(r"[A-Za-z0-9_]([A-Za-z0-9_.-]{0,251}[A-Za-z0-9_])?", host):
+        raise ConfigError(f"MONGO_HOST must be a host name or an IP address, without a port (that is"
+                          f" MONGO_PORT), got {host[:80]!r}")
+    return host
+
+
 def _host_in_uri(host):
     """An IPv6 literal needs brackets inside a URI."""
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
@@ -148,7 +211,7 @@ def build_mongo_uri(env):
     """
     if _text(env, "MONGO_URI"):
         return env["MONGO_URI"]
-    host = _host_in_uri(_text(env, "MONGO_HOST", "localhost"))
+    host = _host_in_uri(_mongo_host(env))
     port = _number(env, "MONGO_PORT", 27017, 1, 65535)
     user, password = _text(env, "MONGO_USER"), _text(env, "MONGO_PASSWORD")
     if not user:
@@ -162,34 +225,72 @@ def build_mongo_uri(env):
     return f"mongodb://{credentials}@{host}:{port}/?authSource={auth_source}"
 
 
-def _uri_password(uri):
-    """The password inside a connection string, raw and decoded, if any."""
-    password = urllib.parse.urlsplit(uri).password
-    return (password, urllib.parse.unquote_plus(password)) if password else ()
+def _uri_passwords(uri):
+    """The password inside a connection string, as written and decoded,
+    found without parsing the rest (which may be what is wrong)."""
+    authority = uri.partition("://")[2].partition("/")[0].partition("?")[0]
+    userinfo = authority.rpartition("@")[0]
+    password = userinfo.partition(":")[2]
+    return tuple({password, urllib.parse.unquote_plus(password)} - {""})
+
+
+def parse_mongo_uri(uri):
+    """The parts of a connection string, checked as the driver will check
+    them, but without the DNS lookup of ``mongodb+srv://`` (start-up must
+    not depend on DNS; the driver resolves when it first connects)."""
+    scheme = uri.partition("://")[0]
+    if scheme not in ("mongodb", "mongodb+srv"):
+        raise ConfigError("MONGO_URI must start with mongodb:// or mongodb+srv://")
+    try:
+        parsed = pymongo.uri_parser.parse_uri("mongodb://" + uri.partition("://")[2])
+    except Exception as error:  # The driver's many ways of saying "malformed".
+        reason = redact(str(error).splitlines()[0] if str(error) else type(error).__name__, _uri_passwords(uri))
+        raise ConfigError(f"MONGO_URI: {reason}") from None
+    password = parsed.get("password")
+    if password and len(password) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"MONGO_URI: the password is shorter than {MIN_SECRET_LENGTH} characters")
+    if parsed["options"].get("w") == 0:
+        raise ConfigError("MONGO_URI: w=0 (unacknowledged writes) would leave every delete unverifiable;"
+                          " use w=1 or w=majority")
+    return {**parsed, "scheme": scheme}
 
 
 def describe_database(config):
     """Where the data lives, for logs: scheme, hosts and name, no credentials."""
-    parts = urllib.parse.urlsplit(config.mongo_uri)
-    hosts = parts.netloc.rpartition("@")[2]
-    return f"{parts.scheme}://{hosts}/{config.mongo_db}"
+    parsed = parse_mongo_uri(config.mongo_uri)
+    hosts = ",".join(f"{_host_in_uri(host)}{'' if port is None else f':{port}'}" for host, port in parsed["nodelist"])
+    return f"{parsed['scheme']}://{hosts}/{config.mongo_db}"
+
+
+def _database_name(env):
+    """MongoDB's rules for a database name (the stricter, portable ones)."""
+    name = _text(env, "MONGO_DB", Config.mongo_db)
+    if len(name.encode()) >= 64 or re.search(r'[/\\. "$*<>:|?\x00]', name):
+        raise ConfigError(f"MONGO_DB must be under 64 bytes with none of / \\ . \" $ * < > : | ? or a space,"
+                          f" got {name[:80]!r}")
+    return name
 
 
 def load_config(env):
     """Reads and checks every setting; raises ConfigError naming the culprit."""
+    password = _text(env, "MONGO_PASSWORD")
+    if password and len(password) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"MONGO_PASSWORD is shorter than {MIN_SECRET_LENGTH} characters")
     mongo_uri = build_mongo_uri(env)
+    parse_mongo_uri(mongo_uri)
     cert, key = _file_bytes(env, "GRPC_TLS_CERT"), _file_bytes(env, "GRPC_TLS_KEY")
     client_ca = _file_bytes(env, "GRPC_TLS_CLIENT_CA")
     if (cert is None) != (key is None):
         raise ConfigError("GRPC_TLS_CERT and GRPC_TLS_KEY must be set together")
     if client_ca is not None and cert is None:
         raise ConfigError("GRPC_TLS_CLIENT_CA needs GRPC_TLS_CERT and GRPC_TLS_KEY")
-    tokens = tuple(t.strip() for t in _text(env, "GRPC_AUTH_TOKEN", "").split(",") if t.strip())
-    password = _text(env, "MONGO_PASSWORD")
+    if cert is not None:
+        _check_tls_files(env)
+    tokens = _auth_tokens(env)
     secrets = (password, urllib.parse.quote_plus(password)) if password else ()
     return Config(
         mongo_uri=mongo_uri,
-        mongo_db=_text(env, "MONGO_DB", Config.mongo_db),
+        mongo_db=_database_name(env),
         mongo_timeout_s=_number(env, "MONGO_TIMEOUT_MS", int(Config.mongo_timeout_s * 1000), 1, 600_000) / 1000,
         grpc_host=_text(env, "GRPC_HOST", Config.grpc_host),
         grpc_port=_number(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
@@ -205,13 +306,38 @@ def load_config(env):
         health_interval_s=_number(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s, 0.001, 3600, float),
         log_level=_choice(env, "LOG_LEVEL", Config.log_level, ("debug", "info", "warning", "error")).upper(),
         log_format=_choice(env, "LOG_FORMAT", Config.log_format, ("text", "json")),
-        secrets=tuple(s for s in (*secrets, *_uri_password(mongo_uri), *tokens) if s),
+        secrets=tuple(s for s in (*secrets, *_uri_passwords(mongo_uri), *tokens) if s),
     )
 
 
 def read_environment(dotenv_path=".env"):
-    """The process environment over the values of a ``.env`` file, if any."""
-    return {**dotenv.dotenv_values(dotenv_path), **os.environ}
+    """The process environment over the values of a ``.env`` file, if any.
+    A variable exported empty while ``.env`` gives it a value is refused: it
+    would silently turn that value back into the default."""
+    from_file = dotenv.dotenv_values(dotenv_path)
+    for name, value in os.environ.items():
+        if value == "" and from_file.get(name):
+            raise ConfigError(f"{name} is exported empty, which would hide its value in .env;"
+                              " unset it or give it a value")
+    return {**from_file, **os.environ}
+
+
+def check_listen_address(host, port, prefix="GRPC"):
+    """Binds and lets go of the address, so that an unusable host or a port
+    in use stops start-up naming PREFIX_HOST or PREFIX_PORT, before anything
+    listens and before gRPC can print its own error lines."""
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                         flags=socket.AI_PASSIVE)[0]
+    except (socket.gaierror, UnicodeError):
+        raise ConfigError(f"{prefix}_HOST: cannot resolve {host[:80]!r}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind(address)
+        except OSError as error:
+            variable = f"{prefix}_PORT" if error.errno == errno.EADDRINUSE else f"{prefix}_HOST"
+            raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {error.strerror.lower()}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -768,13 +894,6 @@ class _JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def redact(text, secrets):
-    """``text`` with every secret blanked out, the longest first."""
-    for secret in sorted(secrets, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
 class _RedactingFormatter(logging.Formatter):
     """Wraps a formatter and blanks out secrets wherever they appear,
     tracebacks included, and in their JSON-escaped spelling too."""
@@ -1053,37 +1172,48 @@ def parse_arguments(argv):
                         help="with --sweep-orphans: remove orphan chunks and dangling metadata")
     parser.add_argument("--apply-files", action="store_true",
                         help="with --apply: remove unreferenced files too")
-    parser.add_argument("--batch-size", type=int, default=500, help="ids per delete command when sweeping")
-    parser.add_argument("--min-age-s", type=float, default=3600,
-                        help="when sweeping, leave files and chunks younger than this (uploads in progress)")
+    parser.add_argument("--batch-size", type=int, help="with --sweep-orphans: ids per delete command (500)")
+    parser.add_argument("--min-age-s", type=float,
+                        help="with --sweep-orphans: leave files and chunks younger than this (3600 s): they"
+                             " may be uploads in progress")
     args = parser.parse_args(argv)
+    sweep_only = {"--apply": args.apply, "--apply-files": args.apply_files,
+                  "--batch-size": args.batch_size is not None, "--min-age-s": args.min_age_s is not None}
+    if not args.sweep_orphans and any(sweep_only.values()):
+        parser.error(f"{', '.join(name for name, given in sweep_only.items() if given)} needs --sweep-orphans")
     if args.apply_files and not args.apply:
         parser.error("--apply-files needs --apply")
+    args.batch_size = 500 if args.batch_size is None else args.batch_size
+    args.min_age_s = 3600.0 if args.min_age_s is None else args.min_age_s
     if args.batch_size < 1:
         parser.error("--batch-size must be at least 1")
+    if not 0 <= args.min_age_s < float("inf"):
+        parser.error("--min-age-s must be zero or more seconds")
     return args
+
+
+def open_database(config, in_memory):
+    """The database to serve, and how to describe it in the log."""
+    if in_memory:
+        return open_in_memory_database(config), f"in-memory stand-in/{config.mongo_db}"
+    try:
+        client = connect_to_mongo(config)
+    except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
+        raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
+    return client[config.mongo_db], describe_database(config)
 
 
 def main(argv=None):
     args = parse_arguments(argv)
     try:
         config = load_config(read_environment())
+        if not args.sweep_orphans:
+            check_listen_address(config.grpc_host, config.grpc_port)
+        db, describe = open_database(config, args.in_memory)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config)
-    if args.in_memory:
-        db, describe = open_in_memory_database(config), f"in-memory stand-in/{config.mongo_db}"
-        log.info("in-memory MongoDB stand-in with sample models %s; try: python image_service_client.py %s"
-                 " --address 127.0.0.1:%d", ", ".join(SAMPLE_MODELS), next(iter(SAMPLE_MODELS)), config.grpc_port)
-    else:
-        try:
-            client = connect_to_mongo(config)
-        except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
-            reason = redact(str(error).splitlines()[0], config.secrets)
-            print(f"configuration error: MONGO_URI: {reason}", file=sys.stderr)
-            return 2
-        db, describe = client[config.mongo_db], describe_database(config)
     if args.sweep_orphans:
         try:
             run_sweep(db, args)
@@ -1091,6 +1221,9 @@ def main(argv=None):
             log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__, error)
             return 1
         return 0
+    if args.in_memory:
+        log.info("in-memory MongoDB stand-in with sample models %s; try: python3 image_service_client.py %s"
+                 " --address 127.0.0.1:%d", ", ".join(SAMPLE_MODELS), next(iter(SAMPLE_MODELS)), config.grpc_port)
     try:
         asyncio.run(serve(config, db, describe))
     except ConfigError as error:

@@ -514,7 +514,7 @@ def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
 
 
 def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
-    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw", "MONGO_HOST": "127.0.0.1",
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789", "MONGO_HOST": "127.0.0.1",
                                  "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
     with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
         started = time.monotonic()
@@ -553,11 +553,11 @@ def test_a_database_that_never_answers_fails_within_mongo_timeout():
 
 
 def test_credentials_are_percent_escaped_in_the_uri():
-    uri = server.build_mongo_uri({"MONGO_USER": "app@team", "MONGO_PASSWORD": "p@ss:w/rd%?#",
+    uri = server.build_mongo_uri({"MONGO_USER": "app@team", "MONGO_PASSWORD": "p@ss:w/rd%?#-0123456789",
                                   "MONGO_HOST": "db.internal", "MONGO_PORT": "27018"})
-    assert uri == "mongodb://app%40team:p%40ss%3Aw%2Frd%25%3F%23@db.internal:27018/?authSource=admin"
+    assert uri == "mongodb://app%40team:p%40ss%3Aw%2Frd%25%3F%23-0123456789@db.internal:27018/?authSource=admin"
     parsed = pymongo.uri_parser.parse_uri(uri)
-    assert (parsed["username"], parsed["password"]) == ("app@team", "p@ss:w/rd%?#")
+    assert (parsed["username"], parsed["password"]) == ("app@team", "p@ss:w/rd%?#-0123456789")
 
 
 def test_without_a_user_the_uri_carries_no_credentials():
@@ -570,8 +570,8 @@ def test_a_password_without_a_user_is_refused():
 
 
 def test_mongo_uri_overrides_the_parts():
-    env = {"MONGO_URI": "mongodb+srv://u:p@cluster0.example.net/", "MONGO_HOST": "ignored"}
-    assert server.load_config(env).mongo_uri == "mongodb+srv://u:p@cluster0.example.net/"
+    env = {"MONGO_URI": "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/", "MONGO_HOST": "ignored"}
+    assert server.load_config(env).mongo_uri == "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/"
 
 
 def test_defaults():
@@ -585,7 +585,7 @@ def test_defaults():
 
 
 def test_the_database_is_described_without_credentials():
-    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2", "MONGO_HOST": "db1"})
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2-0123456789", "MONGO_HOST": "db1"})
     assert server.describe_database(config) == "mongodb://db1:27017/CatalogServiceDB"
 
 
@@ -615,12 +615,12 @@ def test_a_bad_setting_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
         "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'"]
 
 
-@pytest.mark.parametrize("uri", ["mongodb://svc:hunter2@db:abc/", "mongodb://svc:hun@ter2@db/", "mysql://db/"])
+@pytest.mark.parametrize("uri", ["mongodb://svc:hunter2-0123456789@db:abc/", "mongodb://svc:hun@ter2-0123456789@db/", "mysql://db/"])
 def test_a_bad_mongo_uri_stops_start_up_with_one_line_and_exit_code_2(tmp_path, uri):
     done = run_server_process({"MONGO_URI": uri}, cwd=tmp_path)
     assert done.returncode == 2
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith("configuration error: MONGO_URI: ")
+    assert line.startswith("configuration error: MONGO_URI")
     assert "hunter2" not in line and "ter2" not in line
 
 
@@ -631,7 +631,8 @@ def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_
         port = taken.getsockname()[1]
         done = run_server_process({"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(port)}, "--in-memory", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}"
+    assert done.stderr.strip().splitlines() == [
+        f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
 def test_settings_come_from_a_dotenv_file_and_the_environment_wins(tmp_path, monkeypatch):
@@ -687,7 +688,7 @@ class ServerProcess:
 
 
 def test_start_up_logs_the_address_and_database_but_never_the_password(tmp_path):
-    running = ServerProcess(tmp_path, {"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2!",
+    running = ServerProcess(tmp_path, {"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2!-0123456789",
                                        "MONGO_HOST": "127.0.0.1", "MONGO_PORT": str(closed_port())})
     assert running.stop() == 0
     log_text = running.log()
@@ -701,7 +702,7 @@ def test_in_memory_mode_deletes_a_sample_image_with_no_mongodb(tmp_path):
     reply = running.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="sample-chair"), timeout=10)
     assert running.stop() == 0
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 2)
-    assert "try: python image_service_client.py sample-chair" in running.log()
+    assert "try: python3 image_service_client.py sample-chair" in running.log()
 
 
 def test_sigterm_lets_a_delete_in_flight_finish_then_exits_0(tmp_path, wire):
@@ -1020,7 +1021,7 @@ def test_a_missing_tls_file_stops_start_up_with_one_line_and_exit_code_2(tmp_pat
         f"configuration error: {variable}: cannot read /no/such.pem: No such file or directory"]
 
 
-TOKENS = {"GRPC_AUTH_TOKEN": "old-token-1b2c, new-token-9f8e"}
+TOKENS = {"GRPC_AUTH_TOKEN": "old-token-1b2c3d4e5f, new-token-9f8e7d6c5b"}
 
 
 def test_calls_without_a_valid_token_are_refused_and_touch_nothing(database, caplog):
@@ -1029,8 +1030,8 @@ def test_calls_without_a_valid_token_are_refused_and_touch_nothing(database, cap
     tokens = server.load_config(TOKENS).auth_tokens
     with caplog.at_level(logging.DEBUG), serving(database, auth_tokens=tokens) as (stub_, _, channel):
         codes = []
-        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "old-token-1b2c")],
-                         [("authorization", "Basic old-token-1b2c")]):
+        for metadata in (None, [("authorization", "Bearer wrong")], [("authorization", "old-token-1b2c3d4e5f")],
+                         [("authorization", "Basic old-token-1b2c3d4e5f")]):
             with pytest.raises(grpc.RpcError) as refused:
                 delete(stub_, "chair", metadata=metadata)
             codes.append(refused.value.code())
@@ -1047,9 +1048,9 @@ def test_every_listed_token_is_accepted_so_tokens_can_be_rotated(database):
     upload(database, "table")
     tokens = server.load_config(TOKENS).auth_tokens
     with serving(database, auth_tokens=tokens) as (stub_, _, channel):
-        old = delete(stub_, "chair", metadata=[("authorization", "Bearer old-token-1b2c")])
-        new = delete(stub_, "table", metadata=[("authorization", "Bearer new-token-9f8e")])
-        services = list_services(channel, metadata=[("authorization", "Bearer new-token-9f8e")])
+        old = delete(stub_, "chair", metadata=[("authorization", "Bearer old-token-1b2c3d4e5f")])
+        new = delete(stub_, "table", metadata=[("authorization", "Bearer new-token-9f8e7d6c5b")])
+        services = list_services(channel, metadata=[("authorization", "Bearer new-token-9f8e7d6c5b")])
     assert (old.deleted_images, new.deleted_images) == (1, 1)
     assert "image_service.ImageService" in services
 
@@ -1065,14 +1066,14 @@ def test_health_needs_no_token(database):
 
 def test_the_client_speaks_tls_mtls_and_tokens_and_checks_health(database, certificates, capsys):
     upload(database, "chair")
-    settings_ = {**tls_settings(certificates, mutual=True), "auth_tokens": ("token-a",)}
+    settings_ = {**tls_settings(certificates, mutual=True), "auth_tokens": ("token-a-0123456789",)}
     with serving(database, **settings_) as (_, running, _):
         tls = ["--address", f"127.0.0.1:{running.port}", "--tls-ca", certificates["ca"],
                "--tls-cert", certificates["client_cert"], "--tls-key", certificates["client_key"]]
         running.run(running.running.monitor.check())  # the first ping has answered
         health_code = client_cli.main(["health", *tls])
         refused_code = client_cli.main(["chair", *tls])
-        deleted_code = client_cli.main(["chair", *tls, "--token", "token-a", "--timeout", "5"])
+        deleted_code = client_cli.main(["chair", *tls, "--token", "token-a-0123456789", "--timeout", "5"])
     out, err = capsys.readouterr()
     assert (health_code, refused_code, deleted_code) == (0, 3, 0)
     assert out.splitlines()[0] == "SERVING"
@@ -1109,18 +1110,18 @@ def test_json_logs_are_one_object_per_line(root_logging, tmp_path):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_format):
-    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word', "LOG_FORMAT": log_format,
-                                 "GRPC_AUTH_TOKEN": "tok-1,tok-2"})
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word-0123456789', "LOG_FORMAT": log_format,
+                                 "GRPC_AUTH_TOKEN": "tok-1-0123456789ab,tok-2-0123456789ab"})
     with open(tmp_path / "log", "w+") as stream:
         server.configure_logging(config, stream)
         try:
-            raise RuntimeError(f"auth failed for {config.mongo_uri} with tok-2")
+            raise RuntimeError(f"auth failed for {config.mongo_uri} with tok-2-0123456789ab")
         except RuntimeError:
-            server.log.exception("failure: %s", 'p@ss"word')
+            server.log.exception("failure: %s", 'p@ss"word-0123456789')
         stream.seek(0)
         text = stream.read()
     assert "failure" in text
-    for secret in ("p@ss", "p%40ss", "tok-1", "tok-2"):
+    for secret in ("p@ss", "p%40ss", "tok-1-0123456789ab", "tok-2-0123456789ab"):
         assert secret not in text
 
 
