@@ -376,9 +376,12 @@ def classify_failure(error):
 
 MAX_MODEL_ID_LENGTH = 256
 MAX_BATCH_SIZE = 1000
-# The first read asks for every matching document at once, so that a batch
+# The read asks for up to this many documents per reply, so that a batch
 # costs one command, not one per 101 documents (the server's default batch).
 READ_BATCH_SIZE = 100_000
+# Ids per delete command: 100,000 ObjectIds make a command of 1.9 MB,
+# far below MongoDB's 16 MB limit (which one $in reaches near 800,000 ids).
+ID_BATCH_SIZE = 100_000
 
 
 def invalid_model_id_reason(model_id):
@@ -404,13 +407,24 @@ def stored_model_id_forms(model_id):
 
 def referenced_file_id(image_id):
     """The GridFS file id an ``images`` document points at, or None if its
-    ``image_id`` is no valid id (the upload service writes the hex string,
-    other writers the ObjectId itself)."""
+    ``image_id`` is no valid id. The upload service writes the lower-case hex
+    string, other writers the ObjectId itself; upper-case hex and stray
+    surrounding spaces still name the same file. The delete and the sweep
+    both decide with this one function."""
     if isinstance(image_id, ObjectId):
         return image_id
-    if isinstance(image_id, str) and ObjectId.is_valid(image_id):
-        return ObjectId(image_id)
+    if isinstance(image_id, str) and ObjectId.is_valid(image_id.strip()):
+        return ObjectId(image_id.strip())
     return None
+
+
+def echoed(model_id):
+    """A model id as a reply may carry it. An invalid one can be megabytes
+    long; cut, and marked so, a batch of them stays far below a caller's
+    4 MB receive limit."""
+    if len(model_id) <= MAX_MODEL_ID_LENGTH:
+        return model_id
+    return f"{model_id[:MAX_MODEL_ID_LENGTH]}...[cut from {len(model_id)} characters]"
 
 
 @dataclasses.dataclass
@@ -420,15 +434,15 @@ class ModelImages:
     metadata_ids: list = dataclasses.field(default_factory=list)
     file_ids: set = dataclasses.field(default_factory=set)
     invalid_references: int = 0
+    # What the database reported removed (see share_out for batches).
+    deleted_images: int = 0
     deleted_files: int = 0
-    # References whose file was already gone: exact for one model; for a
-    # batch that met some, only the batch's total is known (see the proto).
-    files_already_gone: int = 0
-    batch_files_already_gone: int = 0
+    counts_shared_out: bool = False
 
 
 def read_images(db, model_ids):
-    """Command 1: every ``images`` document of these models, grouped by model.
+    """Every ``images`` document of these models, grouped by model: one
+    ``find`` (and a ``getMore`` per further READ_BATCH_SIZE documents).
 
     Only documents whose ``model_id`` equals a requested id (or its ObjectId)
     are kept; one that merely matched through an array is another model's.
@@ -455,39 +469,59 @@ def read_images(db, model_ids):
     return found
 
 
-def _attribute_removed_files(found, removed):
-    """Shares the number of removed ``fs.files`` documents among the models."""
-    owners = [images for images in found.values() if images.file_ids]
-    missing = len(set().union(*(images.file_ids for images in owners))) - removed
-    for images in owners:
-        if len(owners) == 1:
-            images.deleted_files = removed
-            images.files_already_gone = missing
-        else:
-            images.deleted_files = len(images.file_ids)
-            images.batch_files_already_gone = max(missing, 0)
+def in_batches(items, size):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def delete_by_ids(collection, field, ids):
+    """Deletes the documents whose ``field`` is one of ``ids``, ID_BATCH_SIZE
+    ids per command; returns how many the database removed."""
+    return sum(collection.delete_many({field: {"$in": batch}}).deleted_count
+               for batch in in_batches(ids, ID_BATCH_SIZE))
+
+
+def share_out(wanted, removed):
+    """Splits the ``removed`` count among models that wanted ``wanted[i]``
+    each. Exact for one model, and whenever everything wanted was removed;
+    otherwise (a concurrent delete, files already gone) the shortfall is
+    taken from the last models, so the shares still add up to ``removed``."""
+    shortfall, shares = sum(wanted) - removed, []
+    for count in reversed(wanted):
+        taken = min(count, shortfall)
+        shortfall -= taken
+        shares.append(count - taken)
+    return shares[::-1]
 
 
 def delete_images_of_models(db, model_ids):
-    """Removes every image of the given models; returns what each had.
+    """Removes every image of the given models; returns what each had and
+    what the database reported removed.
 
-    At most four database commands, whatever the number of models or images:
-    one read, then three deletes by ``$in``. The order makes every failure
-    safe to retry: the files (``fs.files``, then ``fs.chunks``, as GridFS
-    itself deletes) go first and the metadata last, so until the metadata is
-    gone it still points at whatever a retry must finish. Only the metadata
-    documents that were read are deleted (by ``_id``): an image uploaded
-    while this runs is left whole, never as an orphaned file.
+    Four commands for up to ID_BATCH_SIZE images: one read, then three
+    deletes by ``$in``; past that, each step takes one command per
+    ID_BATCH_SIZE ids, so no command nears MongoDB's 16 MB limit. The order
+    makes every failure safe to retry: every file batch (``fs.files``, then
+    ``fs.chunks``, as GridFS itself deletes) goes first and the metadata
+    last, so until the metadata is gone it still points at whatever a retry
+    must finish. Only the metadata documents that were read are deleted (by
+    ``_id``): an image uploaded while this runs is left whole, never as an
+    orphaned file, and the next delete removes it.
     """
     found = read_images(db, model_ids)
-    file_ids = list(set().union(*(images.file_ids for images in found.values())))
+    models = [images for images in found.values() if images.metadata_ids]
+    file_ids = list(set().union(*(images.file_ids for images in models)))
+    removed_files = delete_by_ids(db["fs.files"], "_id", file_ids) if file_ids else 0
     if file_ids:
-        removed = db["fs.files"].delete_many({"_id": {"$in": file_ids}}).deleted_count
-        db["fs.chunks"].delete_many({"files_id": {"$in": file_ids}})
-        _attribute_removed_files(found, removed)
-    metadata_ids = [i for images in found.values() for i in images.metadata_ids]
-    if metadata_ids:
-        db.images.delete_many({"_id": {"$in": metadata_ids}})
+        delete_by_ids(db["fs.chunks"], "files_id", file_ids)
+    metadata_ids = [i for images in models for i in images.metadata_ids]
+    removed_images = delete_by_ids(db.images, "_id", metadata_ids) if metadata_ids else 0
+    files = share_out([len(images.file_ids) for images in models], removed_files)
+    metadata = share_out([len(images.metadata_ids) for images in models], removed_images)
+    for images, deleted_files, deleted_images in zip(models, files, metadata):
+        images.deleted_files, images.deleted_images = deleted_files, deleted_images
+        images.counts_shared_out = len(models) > 1 and (
+            removed_files < len(file_ids) or removed_images < len(metadata_ids))
     return found
 
 
@@ -497,26 +531,32 @@ def _plural(count, noun):
 
 def describe_deletion(model_id, images):
     """The reply for one model whose delete went through."""
-    count = len(images.metadata_ids)
-    if count == 0:
+    if images.deleted_images == 0 and images.deleted_files == 0:
+        gone = (f"; a concurrent delete removed its {_plural(len(images.metadata_ids), 'image')} first"
+                if images.metadata_ids else "")
         return pb2.DeleteImageResponse(
             success=True,
             outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
             model_id=model_id,
-            message=f"no images of model {model_id!r}; nothing to delete",
+            message=f"no images of model {model_id!r}; nothing to delete{gone}",
         )
-    notes = [f"deleted {_plural(count, 'image')} and {_plural(images.deleted_files, 'file')}"]
-    if images.files_already_gone:
-        notes.append(f"{_plural(images.files_already_gone, 'reference')} to a file already gone")
-    if images.batch_files_already_gone:
-        notes.append(f"{_plural(images.batch_files_already_gone, 'reference')} in this batch to a file already gone")
+    notes = [f"deleted {_plural(images.deleted_images, 'image')} and {_plural(images.deleted_files, 'file')}"]
+    if images.counts_shared_out:
+        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
+                     " delete removed some images first")
+    else:
+        missing_files = len(images.file_ids) - images.deleted_files
+        if missing_files:
+            notes.append(f"{_plural(missing_files, 'reference')} to a file already gone")
+        if len(images.metadata_ids) > images.deleted_images:
+            notes.append(f"{len(images.metadata_ids) - images.deleted_images} removed by a concurrent delete first")
     if images.invalid_references:
         notes.append(f"{_plural(images.invalid_references, 'reference')} had no valid file id")
     return pb2.DeleteImageResponse(
         success=True,
         outcome=pb2.OUTCOME_DELETED,
         model_id=model_id,
-        deleted_images=count,
+        deleted_images=images.deleted_images,
         deleted_files=images.deleted_files,
         message="; ".join(notes),
     )
@@ -544,7 +584,7 @@ def delete_and_describe(db, model_ids, deadline):
         if reasons[model_id]:
             replies.append(pb2.DeleteImageResponse(
                 success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
-                model_id=model_id, message=reasons[model_id]))
+                model_id=echoed(model_id), message=reasons[model_id]))
         elif failure:
             replies.append(pb2.DeleteImageResponse(
                 success=False, outcome=failure[0], model_id=model_id, message=failure[1]))
@@ -1114,22 +1154,17 @@ def _utc(moment):
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
-def _in_batches(items, size):
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
-
-
 def sweep_orphans(db, report, apply_files, batch_size):
     """Removes what the report found, ``batch_size`` ids per command: chunks
     without a file and metadata pointing at nothing, and unreferenced files
     only when ``apply_files``. Returns the number of documents removed."""
     removed = {"chunks": 0, "images": 0, "files": 0}
-    for batch in _in_batches(report.chunk_file_ids, batch_size):
+    for batch in in_batches(report.chunk_file_ids, batch_size):
         removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
-    for batch in _in_batches(report.dangling_metadata_ids, batch_size):
+    for batch in in_batches(report.dangling_metadata_ids, batch_size):
         removed["images"] += db.images.delete_many({"_id": {"$in": batch}}).deleted_count
     if apply_files:
-        for batch in _in_batches(report.unreferenced_file_ids, batch_size):
+        for batch in in_batches(report.unreferenced_file_ids, batch_size):
             # A file is gone for good: look once more for a reference made
             # since the scan, in either spelling of the id.
             spellings = batch + [str(file_id) for file_id in batch]

@@ -592,7 +592,7 @@ def test_the_database_is_described_without_credentials():
 BAD_SETTINGS = {
     "MONGO_PORT": "abc", "GRPC_PORT": "70000", "MONGO_TIMEOUT_MS": "0", "GRPC_MAX_WORKERS": "-1",
     "GRPC_MAX_CONCURRENT_RPCS": "many", "GRPC_REFLECTION": "maybe", "SHUTDOWN_GRACE_S": "soon",
-    "LOG_LEVEL": "LOUD", "LOG_FORMAT": "xml", "GRPC_TLS_CERT": "/no/such/cert.pem",
+    "LOG_LEVEL": "LOUD", "LOG_FORMAT": "xml", "GRPC_TLS_CERT": "/no/such/cert.pem", "SHUTDOWN_DELAY_S": "-1",
 }
 
 
@@ -633,6 +633,103 @@ def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+FAIL_CLOSED = {
+    "an empty token list": ({"GRPC_AUTH_TOKEN": ","}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a blank token list": ({"GRPC_AUTH_TOKEN": " "}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a list of blank tokens": ({"GRPC_AUTH_TOKEN": ", ,"}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a short token": ({"GRPC_AUTH_TOKEN": "long-enough-token-123,abc"},
+                      "GRPC_AUTH_TOKEN: token 2 of 2 is shorter than 16 characters"),
+    "a short password": ({"MONGO_USER": "svc", "MONGO_PASSWORD": "abc"},
+                         "MONGO_PASSWORD is shorter than 16 characters"),
+    "a short password in the URI": ({"MONGO_URI": "mongodb://svc:abc@db/"},
+                                    "MONGO_URI: the password is shorter than 16 characters"),
+    "an unclosed IPv6 literal": ({"MONGO_URI": "mongodb://[::1"}, "MONGO_URI: "),
+    "a URI without a scheme": ({"MONGO_URI": "localhost:27017"},
+                               "MONGO_URI must start with mongodb:// or mongodb+srv://"),
+    "unacknowledged writes": ({"MONGO_URI": "mongodb://db/?w=0"}, "MONGO_URI: w=0 (unacknowledged writes)"),
+    "a port in MONGO_HOST": ({"MONGO_HOST": "host:27017"}, "MONGO_HOST must be a host name or an IP address"),
+    "a dot in the database name": ({"MONGO_DB": "a.b"}, "MONGO_DB must be under 64 bytes"),
+    "a slash in the database name": ({"MONGO_DB": "bad/name"}, "MONGO_DB must be under 64 bytes"),
+    "a database name of 64 bytes": ({"MONGO_DB": "d" * 64}, "MONGO_DB must be under 64 bytes"),
+}
+
+
+@pytest.mark.parametrize("env, message", FAIL_CLOSED.values(), ids=FAIL_CLOSED.keys())
+def test_a_setting_that_would_fail_later_or_open_is_refused_at_start_up(env, message):
+    with pytest.raises(server.ConfigError) as refused:
+        server.load_config(env)
+    assert str(refused.value).startswith(message)
+    assert "abc" not in str(refused.value)  # never the secret
+
+
+def test_a_password_with_uri_delimiters_is_accepted_and_never_described(tmp_path):
+    config = server.load_config({"MONGO_URI": "mongodb://svc:pa[ss]w0rd-0123456789@db1,db2:27018/"})
+    assert server.describe_database(config) == "mongodb://db1:27017,db2:27018/CatalogServiceDB"
+
+
+@pytest.fixture
+def tls_files(tmp_path, certificates):
+    """Good files, plus a garbage one, an empty one and a key of another certificate."""
+    import trustme
+
+    other = trustme.CA().issue_cert("127.0.0.1")
+    files = {"garbage": tmp_path / "garbage.pem", "empty": tmp_path / "empty.pem",
+             "other_key": tmp_path / "other.key"}
+    files["garbage"].write_text("not a certificate")
+    files["empty"].write_text("")
+    other.private_key_pem.write_to_path(files["other_key"])
+    return {**certificates, **{name: str(path) for name, path in files.items()}}
+
+
+TLS_MISTAKES = {
+    "a garbage certificate": ({"GRPC_TLS_CERT": "garbage"}, "GRPC_TLS_CERT: no PEM certificate in"),
+    "a garbage key": ({"GRPC_TLS_KEY": "garbage"}, "GRPC_TLS_KEY: "),
+    "a key of another certificate": ({"GRPC_TLS_KEY": "other_key"}, "GRPC_TLS_KEY: "),
+    "an empty client CA": ({"GRPC_TLS_CLIENT_CA": "empty"}, "GRPC_TLS_CLIENT_CA: no PEM certificate in"),
+    "a garbage client CA": ({"GRPC_TLS_CLIENT_CA": "garbage"}, "GRPC_TLS_CLIENT_CA: no PEM certificate in"),
+}
+
+
+@pytest.mark.parametrize("mistake, message", TLS_MISTAKES.values(), ids=TLS_MISTAKES.keys())
+def test_tls_files_are_loaded_and_matched_before_grpc_sees_them(tls_files, mistake, message):
+    env = {"GRPC_TLS_CERT": tls_files["cert"], "GRPC_TLS_KEY": tls_files["key"]}
+    env.update({name: tls_files[file] for name, file in mistake.items()})
+    with pytest.raises(server.ConfigError) as refused:
+        server.load_config(env)
+    assert str(refused.value).startswith(message)
+    if "other_key" in mistake.values():
+        assert "does not belong to the certificate in GRPC_TLS_CERT" in str(refused.value)
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"GRPC_AUTH_TOKEN": ","}, "GRPC_AUTH_TOKEN"),
+    ({"MONGO_URI": "mongodb://svc:pa[ss-0123456789@[::1/"}, "MONGO_URI"),
+    ({"MONGO_DB": "bad/name"}, "MONGO_DB"),
+    ({"GRPC_HOST": "no-such-host.invalid"}, "GRPC_HOST"),
+    ({"GRPC_HOST": "192.0.2.1"}, "GRPC_HOST"),  # TEST-NET-1: no address of this machine
+    ({"GRPC_TLS_CERT": __file__, "GRPC_TLS_KEY": __file__}, "GRPC_TLS_CERT"),
+], ids=["tokens", "uri", "database", "unresolvable host", "foreign host", "tls"])
+def test_a_refused_setting_is_one_line_naming_it_and_exit_code_2(tmp_path, env, variable):
+    done = run_server_process(env, "--in-memory", cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"configuration error: {variable}")
+    assert "0123456789" not in line
+
+
+def test_an_empty_exported_variable_may_not_hide_a_dotenv_value(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MONGO_URI=mongodb://db.internal/\n")
+    monkeypatch.setenv("MONGO_URI", "")
+    with pytest.raises(server.ConfigError, match="MONGO_URI is exported empty, which would hide its value in .env"):
+        server.read_environment(tmp_path / ".env")
+
+
+def test_secrets_are_redacted_only_where_they_stand_whole():
+    secret = "tok-0123456789abcdef"
+    line = f"auth=Bearer {secret}; next{secret}x; {secret}."
+    assert server.redact(line, [secret]) == f"auth=Bearer ***; next{secret}x; ***."
 
 
 def test_settings_come_from_a_dotenv_file_and_the_environment_wins(tmp_path, monkeypatch):
@@ -1182,13 +1279,14 @@ def test_a_batch_of_1000_is_accepted_and_1001_is_invalid_argument(database, stub
     assert refused.value.details() == "at most 1000 model ids per call, got 1001"
 
 
-def test_a_batch_reports_references_to_files_already_gone(database, stub):
+def test_a_batch_shares_out_what_was_removed_when_files_were_already_gone(database, stub):
     gone = upload(database, "chair")
     upload(database, "table")
     database["fs.files"].delete_one({"_id": gone})
     chair, table = delete_batch(stub, ["chair", "table"])
     assert (chair.deleted_images, table.deleted_images) == (1, 1)
-    assert "1 reference in this batch to a file already gone" in chair.message
+    assert chair.deleted_files + table.deleted_files == 1  # what the database removed, shared out
+    assert all("counts shared out within the batch" in result.message for result in (chair, table))
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
