@@ -1154,6 +1154,16 @@ def _utc(moment):
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
+def references_to(db, file_ids):
+    """Which of these files an ``images`` document references now, in any
+    spelling referenced_file_id accepts: the two canonical ones by index,
+    and every odd string (upper case, spaces) read and parsed."""
+    canonical = [*file_ids, *(str(file_id) for file_id in file_ids)]
+    odd = {"$type": "string", "$not": re.compile("^[0-9a-f]{24}$")}
+    documents = db.images.find({"$or": [{"image_id": {"$in": canonical}}, {"image_id": odd}]}, {"image_id": 1})
+    return {referenced_file_id(document.get("image_id")) for document in documents} & set(file_ids)
+
+
 def sweep_orphans(db, report, apply_files, batch_size):
     """Removes what the report found, ``batch_size`` ids per command: chunks
     without a file and metadata pointing at nothing, and unreferenced files
@@ -1166,9 +1176,8 @@ def sweep_orphans(db, report, apply_files, batch_size):
     if apply_files:
         for batch in in_batches(report.unreferenced_file_ids, batch_size):
             # A file is gone for good: look once more for a reference made
-            # since the scan, in either spelling of the id.
-            spellings = batch + [str(file_id) for file_id in batch]
-            taken = {referenced_file_id(d["image_id"]) for d in db.images.find({"image_id": {"$in": spellings}})}
+            # since the scan.
+            taken = references_to(db, batch)
             batch = [file_id for file_id in batch if file_id not in taken]
             removed["files"] += db["fs.files"].delete_many({"_id": {"$in": batch}}).deleted_count
             removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count

@@ -119,6 +119,38 @@ def serving(db, **settings_):
         running.stop(0)
 
 
+class LogWatcher(logging.Handler):
+    """Collects the service's log records and lets a test wait for one: a
+    call's line is written as the call ends, which may be just after its
+    caller has the reply."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+        self._arrived = threading.Condition()
+
+    def emit(self, record):
+        with self._arrived:
+            self.records.append(record)
+            self._arrived.notify_all()
+
+    def wait_for(self, text, timeout=10):
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: any(text in r.getMessage() for r in self.records), timeout), text
+            return next(r for r in self.records if text in r.getMessage())
+
+
+@pytest.fixture
+def service_log():
+    watcher = LogWatcher()
+    server.log.addHandler(watcher)
+    previous = server.log.level
+    server.log.setLevel(logging.DEBUG)
+    yield watcher
+    server.log.setLevel(previous)
+    server.log.removeHandler(watcher)
+
+
 @pytest.fixture(params=["mongomock", "real MongoDB"])
 def database(request):
     """An empty database: mongomock, and a real MongoDB if TEST_MONGO_URI says where."""
@@ -458,6 +490,46 @@ def test_accepts_a_model_id_of_exactly_256_characters(database, stub):
     assert delete(stub, "m" * 256).deleted_images == 1
 
 
+def test_a_body_that_does_not_parse_is_invalid_argument_with_one_warning_and_no_traceback(
+        database, caplog, service_log):
+    upload(database, "chair")
+    invalid_utf8 = pb2.DeleteImageRequest(model_id="chair").SerializeToString().replace(b"chair", b"ch\xffir")
+    truncated = pb2.DeleteImageRequest(model_id="chair").SerializeToString()[:-2]
+    with serving(database) as (_, _, channel):
+        raw_call = channel.unary_unary("/image_service.ImageService/DeleteImageByModelId")
+        for body in (invalid_utf8, truncated):
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_call(body, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid message" in refused.value.details()
+            record = service_log.wait_for("status=INVALID_ARGUMENT")
+            assert record.levelname == "WARNING" and record.exc_info is None
+            assert [r for r in service_log.records if "DeleteImageByModelId" in r.getMessage()] == [record]
+            assert "Traceback" not in caplog.text
+            service_log.records.clear()
+    assert len(images_of(database, "chair")) == 1
+
+
+def test_a_model_id_of_megabytes_is_invalid_and_echoed_cut(database, stub):
+    upload(database, "chair")
+    huge = "m" * 3_000_000
+    reply = delete(stub, huge)
+    assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_INVALID_ARGUMENT)
+    assert reply.model_id == "m" * 256 + "...[cut from 3000000 characters]"
+    assert reply.ByteSize() < 1024
+    assert len(images_of(database, "chair")) == 1
+
+
+def test_a_batch_of_1000_maximal_invalid_ids_gets_a_reply_a_client_can_receive(database, stub):
+    # As long as the ids can be while the request stays under gRPC's 4 MB receive limit.
+    model_ids = [f"{i:04d}" + "x" * 4146 for i in range(1000)]
+    assert pb2.DeleteImagesRequest(model_ids=model_ids).ByteSize() < 4 * 1024 * 1024
+    results = delete_batch(stub, model_ids)  # would be RESOURCE_EXHAUSTED past the client's 4 MB
+    assert {result.outcome for result in results} == {pb2.OUTCOME_INVALID_ARGUMENT}
+    assert [result.model_id[:4] for result in results] == [model_id[:4] for model_id in model_ids]
+    assert pb2.DeleteImagesResponse(results=results).ByteSize() < 512 * 1024
+
+
 def test_one_line_is_logged_per_call(database, stub, caplog):
     upload(database, "chair")
     with caplog.at_level(logging.INFO, logger="image_service"):
@@ -511,6 +583,24 @@ def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
 # ---------------------------------------------------------------------------
 # Database failures
 # ---------------------------------------------------------------------------
+
+
+def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
+    for _ in range(5):
+        upload(wire.db, "chair")
+    second = []
+    with wire.client() as client:
+        db = client["CatalogServiceDB"]
+        # Between the first delete's read and its first delete, a second
+        # delete of the same model runs from start to end.
+        wire.faults[2] = lambda: second.extend(server.delete_and_describe(db, ["chair"], time.monotonic() + 10))
+        (first,) = server.delete_and_describe(db, ["chair"], time.monotonic() + 10)
+    (second,) = second
+    assert first.deleted_images + second.deleted_images == 5
+    assert first.deleted_files + second.deleted_files == 5
+    assert (first.success, first.outcome) == (True, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert "a concurrent delete removed its 5 images first" in first.message
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
 def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
@@ -1536,6 +1626,28 @@ def test_apply_files_keeps_a_file_referenced_since_the_scan():
     removed = server.sweep_orphans(db, report, apply_files=True, batch_size=10)
     assert removed["files"] == 0
     assert db["fs.files"].count_documents({"_id": expected["files"][0]}) == 1
+
+
+def test_the_sweep_reads_image_ids_as_the_delete_does():
+    db = mongomock.MongoClient().db
+    padded, upper = upload(db, "chair"), upload(db, "table")
+    db.images.update_one({"model_id": "chair"}, {"$set": {"image_id": f" {padded} "}})
+    db.images.update_one({"model_id": "table"}, {"$set": {"image_id": str(upper).upper()}})
+    report = server.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report == server.OrphanReport([], [], [])
+    (reply,) = server.delete_and_describe(db, ["chair"], deadline=time.monotonic() + 5)
+    assert (reply.deleted_images, reply.deleted_files) == (1, 1)
+
+
+def test_apply_files_keeps_a_file_referenced_since_the_scan_in_an_odd_spelling():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = server.find_orphans(db, min_age_s=0, now=a_second_later())
+    (file_id,) = expected["files"]
+    db.images.insert_one({"name": "lamp.jpg", "image_id": f" {str(file_id).upper()}", "model_id": "lamp"})
+    removed = server.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed["files"] == 0
+    assert db["fs.files"].count_documents({"_id": file_id}) == 1
 
 
 def test_the_sweep_deletes_in_batches_of_the_given_size(wire):
