@@ -13,18 +13,24 @@ import contextlib
 import dataclasses
 import datetime
 import filecmp
+import gc
 import io
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import queue
 import signal
 import socket
+import socketserver
+import struct
 import subprocess
 import sys
 import threading
 import time
 
+import bson
 import grpc
 import mongomock
 import pymongo
@@ -297,6 +303,123 @@ class WireMongo:
         return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": documents}}
 
 
+class SyntheticMongo(socketserver.ThreadingTCPServer):
+    """A MongoDB at the wire level, in a few lines of OP_MSG, holding one
+    model with ``images`` images synthesised on demand rather than stored
+    (each with one file and one chunk). It answers the handshake, find and
+    getMore on ``images`` and deletes by ``$in``, remembering what is gone,
+    and records each command's name, collection and size."""
+
+    daemon_threads = True
+
+    def __init__(self, model_id, images):
+        super().__init__(("127.0.0.1", 0), _OpMsgHandler)
+        self.model_id = model_id
+        self.metadata_ids = [ObjectId(b"\x01" + i.to_bytes(11, "big")) for i in range(images)]
+        self.file_ids = [ObjectId(b"\x02" + i.to_bytes(11, "big")) for i in range(images)]
+        self.present = {"images": set(self.metadata_ids), "fs.files": set(self.file_ids),
+                        "fs.chunks": set(self.file_ids)}
+        self.commands = []  # (name, collection, size of the command in bytes)
+        self._next = 0
+
+    def answer(self, command, size):
+        name = next(iter(command))
+        if name.lower() in ("ismaster", "hello"):
+            return {**WireMongo.HELLO, "ok": 1}
+        if name in ("ping", "endSessions"):
+            return {"ok": 1}
+        if name == "report":  # for the test: what is left, and what was asked
+            return {"present": {key: len(ids) for key, ids in self.present.items()},
+                    "commands": [list(command) for command in self.commands], "ok": 1}
+        self.commands.append((name, str(command[name]), size))
+        if name == "find":
+            self._next = 0
+            return {"cursor": self._batch(command["batchSize"], "firstBatch"), "ok": 1}
+        if name == "getMore":
+            return {"cursor": self._batch(command["batchSize"], "nextBatch"), "ok": 1}
+        if name == "delete":
+            ((_, condition),) = command["deletes"][0]["q"].items()
+            gone = self.present[command["delete"]] & set(condition["$in"])
+            self.present[command["delete"]] -= gone
+            return {"n": len(gone), "ok": 1}
+        raise AssertionError(f"SyntheticMongo does not know {name!r}")
+
+    def _batch(self, size, key):
+        numbers = range(self._next, min(self._next + size, len(self.metadata_ids)))
+        self._next = numbers.stop
+        # image_id as an ObjectId, as other writers store it: spelling a
+        # million ids out as hex would cost this stand-in most of the test.
+        documents = [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
+                     for i in numbers]
+        return {"id": Int64(1 if len(numbers) == size else 0), "ns": "CatalogServiceDB.images", key: documents}
+
+
+def _serve_synthetic(model_id, images, ports):
+    stand_in = SyntheticMongo(model_id, images)
+    gc.freeze()  # Millions of ids that never die: the collector need not walk them.
+    ports.put(stand_in.server_address[1])
+    stand_in.serve_forever()
+
+
+@contextlib.contextmanager
+def synthetic_mongo(model_id, images):
+    """The URI of a SyntheticMongo running in a process of its own: a
+    million documents pass through it and the driver, which in one
+    interpreter would take turns on one lock."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_serve_synthetic, args=(model_id, images, ports), daemon=True)
+    process.start()
+    try:
+        yield f"mongodb://127.0.0.1:{ports.get(timeout=60)}/?directConnection=true"
+    finally:
+        process.kill()
+        process.join()
+
+
+class _OpMsgHandler(socketserver.BaseRequestHandler):
+    """One connection: OP_QUERY for the legacy handshake, OP_MSG for the rest
+    (a body section and, for inserts and deletes, one document sequence)."""
+
+    def handle(self):
+        while header := self._read(16):
+            length, request_id, _, opcode = struct.unpack("<iiii", header)
+            body = self._read(length - 16)
+            if opcode == 2004:  # OP_QUERY: flags, collection name, skip, limit, then the command
+                command = bson.decode(body[body.index(b"\0", 4) + 9:])
+                reply = bson.encode(self.server.answer(command, len(body)))
+                message = struct.pack("<iqii", 0, 0, 0, 1) + reply
+                opcode_out = 1
+            else:
+                command = self._op_msg_command(body)
+                message = b"\0\0\0\0\0" + bson.encode(self.server.answer(command, len(body)))
+                opcode_out = 2013
+            self.request.sendall(struct.pack("<iiii", 16 + len(message), 0, request_id, opcode_out) + message)
+
+    @staticmethod
+    def _op_msg_command(body):
+        command, offset = {}, 4
+        while offset < len(body):
+            kind, offset = body[offset], offset + 1
+            size = struct.unpack_from("<i", body, offset)[0]
+            if kind == 0:
+                command.update(bson.decode(body[offset:offset + size]))
+            else:
+                name_end = body.index(b"\0", offset + 4)
+                command[body[offset + 4:name_end].decode()] = bson.decode_all(body[name_end + 1:offset + size])
+            offset += size
+        return command
+
+    def _read(self, count):
+        data, received = bytearray(count), 0
+        while received < count:
+            got = self.request.recv_into(memoryview(data)[received:])
+            if not got:
+                return b""
+            received += got
+        return bytes(data)
+
+
 @pytest.fixture
 def wire():
     stand_in = WireMongo()
@@ -559,6 +682,19 @@ def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
     find, files, chunks, metadata = wire.commands
     assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
     assert set(metadata["deletes"][0]["q"]) == {"_id"}
+
+
+def test_a_model_with_a_million_images_is_deleted_completely_with_exact_counts():
+    with synthetic_mongo("huge", 1_000_000) as uri, pymongo.MongoClient(uri, serverSelectionTimeoutMS=60_000) as client:
+        (reply,) = server.delete_and_describe(client["CatalogServiceDB"], ["huge"], time.monotonic() + 120)
+        report = client.admin.command("report")
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1_000_000, 1_000_000)
+    assert report["present"] == {"images": 0, "fs.files": 0, "fs.chunks": 0}
+    # 4 commands per 100,000 images (and a last, empty getMore), files before chunks before metadata:
+    assert [(name, collection) for name, collection, _ in report["commands"]] == (
+        [("find", "images")] + [("getMore", "1")] * 10 + [("delete", "fs.files")] * 10
+        + [("delete", "fs.chunks")] * 10 + [("delete", "images")] * 10)
+    assert max(size for _, _, size in report["commands"]) < 2 * 1024 * 1024  # MongoDB's limit: 16 MB
 
 
 def test_a_model_without_images_costs_one_read(wire):
