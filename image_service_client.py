@@ -1,12 +1,13 @@
 """Command-line client for the image service.
 
-    python image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT]
-    python image_service_client.py health [--address HOST:PORT]
+    python3 image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT] [--dry-run]
+    python3 image_service_client.py health [--address HOST:PORT]
 
 Several model ids go as one DeleteImagesByModelIds batch; one id uses
 DeleteImageByModelId, the call the catalog service makes. Each result is
-printed on its own line. Exit codes: 0 all succeeded (or SERVING), 1 some
-failed (or NOT_SERVING), 2 bad usage, 3 the call itself failed.
+printed on its own line, and the call's request id on stderr. Exit codes:
+0 all succeeded (or SERVING), 1 some failed (or NOT_SERVING), 2 bad usage,
+3 the call itself failed, 130 interrupted.
 
 Every option can also come from the environment: IMAGE_SERVICE_ADDRESS,
 IMAGE_SERVICE_TOKEN, IMAGE_SERVICE_TLS_CA, IMAGE_SERVICE_TLS_CERT,
@@ -15,6 +16,7 @@ IMAGE_SERVICE_TLS_KEY, IMAGE_SERVICE_TIMEOUT.
 
 import argparse
 import os
+import re
 import sys
 
 import grpc
@@ -24,19 +26,53 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 
 
+class UsageError(ValueError):
+    """A bad option or environment variable; the message names it."""
+
+
+def seconds(text):
+    """A timeout: a number of seconds above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return value
+
+
+def address(text):
+    """HOST:PORT, the port spelled out (gRPC would quietly take 443)."""
+    match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):(\d{1,5})", text)
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise argparse.ArgumentTypeError(f"must be HOST:PORT (e.g. localhost:5014), got {text!r}")
+    return text
+
+
+def _from_environment(name, parse, default):
+    raw = os.environ.get(name) or default
+    try:
+        return parse(raw)
+    except argparse.ArgumentTypeError as error:
+        raise UsageError(f"{name} {error}") from None
+
+
 def parse_arguments(argv):
     env = os.environ.get
     parser = argparse.ArgumentParser(description="Delete the images of models, or check the service's health.")
     parser.add_argument("model_ids", nargs="+", metavar="MODEL_ID",
                         help="models whose images to delete; or the single word 'health'")
-    parser.add_argument("--address", default=env("IMAGE_SERVICE_ADDRESS", "localhost:5014"))
+    parser.add_argument("--address", type=address,
+                        default=_from_environment("IMAGE_SERVICE_ADDRESS", address, "localhost:5014"))
     parser.add_argument("--token", default=env("IMAGE_SERVICE_TOKEN"), help="bearer token")
     parser.add_argument("--tls-ca", default=env("IMAGE_SERVICE_TLS_CA"),
                         help="CA certificate that signed the server's: use TLS")
     parser.add_argument("--tls-cert", default=env("IMAGE_SERVICE_TLS_CERT"), help="client certificate, for mTLS")
     parser.add_argument("--tls-key", default=env("IMAGE_SERVICE_TLS_KEY"), help="client key, for mTLS")
-    parser.add_argument("--timeout", type=float, default=float(env("IMAGE_SERVICE_TIMEOUT", "10")),
+    parser.add_argument("--timeout", type=seconds, default=_from_environment("IMAGE_SERVICE_TIMEOUT", seconds, "10"),
                         help="seconds before the call is abandoned (its deadline)")
+    parser.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
+    parser.add_argument("--request-id", help="sent as x-request-id, to find this call in the server's log")
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
@@ -68,34 +104,65 @@ def check_health(channel, timeout):
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
 
 
-def delete_images(channel, model_ids, timeout, metadata):
+def delete_images(channel, model_ids, dry_run, timeout, metadata):
     stub = pb2_grpc.ImageServiceStub(channel)
     if len(model_ids) == 1:
-        results = [stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id=model_ids[0]),
-                                             timeout=timeout, metadata=metadata)]
+        reply, call = stub.DeleteImageByModelId.with_call(
+            pb2.DeleteImageRequest(model_id=model_ids[0], validate_only=dry_run), timeout=timeout, metadata=metadata)
+        results = [reply]
     else:
-        results = stub.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=model_ids),
-                                              timeout=timeout, metadata=metadata).results
+        reply, call = stub.DeleteImagesByModelIds.with_call(
+            pb2.DeleteImagesRequest(model_ids=model_ids, validate_only=dry_run), timeout=timeout, metadata=metadata)
+        results = reply.results
+    print_request_id(call)
     for result in results:
         print(f"{result.model_id}\t{'ok' if result.success else 'FAILED'}\t{pb2.Outcome.Name(result.outcome)}"
               f"\timages={result.deleted_images}\tfiles={result.deleted_files}\t{result.message}")
     return 0 if all(result.success for result in results) else 1
 
 
+def print_request_id(call):
+    request_id = dict(call.trailing_metadata() or ()).get("x-request-id")
+    if request_id:
+        print(f"request_id={request_id}", file=sys.stderr)
+
+
+def explain(error, args):
+    """The failed call in one line, with a hint when TLS settings likely differ."""
+    line = f"call failed: {error.code().name}: {error.details()}"
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if args.tls_ca:
+            line += (" (TLS handshake failed? check that the server serves TLS, that --tls-ca signed its"
+                     " certificate, and --tls-cert/--tls-key if it requires client certificates)")
+        else:
+            line += " (if the server serves TLS, pass --tls-ca)"
+    return line
+
+
 def main(argv=None):
-    args = parse_arguments(argv)
-    metadata = [("authorization", f"Bearer {args.token}")] if args.token else None
+    try:
+        args = parse_arguments(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    metadata = [("x-request-id", args.request_id)] if args.request_id else []
+    if args.token:
+        metadata.append(("authorization", f"Bearer {args.token}"))
     try:
         with open_channel(args) as channel:
             if args.model_ids == ["health"]:
                 return check_health(channel, args.timeout)
-            return delete_images(channel, args.model_ids, args.timeout, metadata)
+            return delete_images(channel, args.model_ids, args.dry_run, args.timeout, metadata or None)
     except grpc.RpcError as error:
-        print(f"call failed: {error.code().name}: {error.details()}", file=sys.stderr)
+        print_request_id(error)
+        print(explain(error, args), file=sys.stderr)
         return 3
     except OSError as error:
         print(f"cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

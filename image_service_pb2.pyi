@@ -23,32 +23,38 @@ OUTCOME_UNAVAILABLE: Outcome
 OUTCOME_INTERNAL: Outcome
 
 class DeleteImageRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "validate_only")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, model_id: _Optional[str] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class DeleteImageResponse(_message.Message):
-    __slots__ = ("success", "message", "outcome", "deleted_images", "deleted_files", "model_id")
+    __slots__ = ("success", "message", "outcome", "deleted_images", "deleted_files", "model_id", "file_bytes")
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     OUTCOME_FIELD_NUMBER: _ClassVar[int]
     DELETED_IMAGES_FIELD_NUMBER: _ClassVar[int]
     DELETED_FILES_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    FILE_BYTES_FIELD_NUMBER: _ClassVar[int]
     success: bool
     message: str
     outcome: Outcome
     deleted_images: int
     deleted_files: int
     model_id: str
-    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., deleted_images: _Optional[int] = ..., deleted_files: _Optional[int] = ..., model_id: _Optional[str] = ...) -> None: ...
+    file_bytes: int
+    def __init__(self, success: _Optional[bool] = ..., message: _Optional[str] = ..., outcome: _Optional[_Union[Outcome, str]] = ..., deleted_images: _Optional[int] = ..., deleted_files: _Optional[int] = ..., model_id: _Optional[str] = ..., file_bytes: _Optional[int] = ...) -> None: ...
 
 class DeleteImagesRequest(_message.Message):
-    __slots__ = ("model_ids",)
+    __slots__ = ("model_ids", "validate_only")
     MODEL_IDS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATE_ONLY_FIELD_NUMBER: _ClassVar[int]
     model_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    validate_only: bool
+    def __init__(self, model_ids: _Optional[_Iterable[str]] = ..., validate_only: _Optional[bool] = ...) -> None: ...
 
 class DeleteImagesResponse(_message.Message):
     __slots__ = ("results",)

@@ -438,6 +438,7 @@ class ModelImages:
     deleted_images: int = 0
     deleted_files: int = 0
     counts_shared_out: bool = False
+    file_bytes: int = 0  # dry runs only
 
 
 def read_images(db, model_ids):
@@ -525,6 +526,36 @@ def delete_images_of_models(db, model_ids):
     return found
 
 
+def preview_images_of_models(db, model_ids):
+    """What delete_images_of_models would remove now, without writing: the
+    same read, then the files' lengths (one read per ID_BATCH_SIZE files)."""
+    found = read_images(db, model_ids)
+    file_ids = list(set().union(*(images.file_ids for images in found.values())))
+    lengths = {}
+    for batch in in_batches(file_ids, ID_BATCH_SIZE):
+        files = db["fs.files"].find({"_id": {"$in": batch}}, {"length": 1}, batch_size=READ_BATCH_SIZE)
+        lengths.update((file["_id"], int(file.get("length") or 0)) for file in files)
+    for images in found.values():
+        existing = images.file_ids & lengths.keys()
+        images.deleted_images, images.deleted_files = len(images.metadata_ids), len(existing)
+        images.file_bytes = sum(lengths[file_id] for file_id in existing)
+    return found
+
+
+def describe_preview(model_id, images):
+    """The reply for one model in a dry run."""
+    return pb2.DeleteImageResponse(
+        success=True,
+        outcome=pb2.OUTCOME_DELETED if images.deleted_images else pb2.OUTCOME_NOTHING_TO_DELETE,
+        model_id=model_id,
+        deleted_images=images.deleted_images,
+        deleted_files=images.deleted_files,
+        file_bytes=images.file_bytes,
+        message=(f"would delete {_plural(images.deleted_images, 'image')} and"
+                 f" {_plural(images.deleted_files, 'file')} ({images.file_bytes} bytes); nothing was changed"),
+    )
+
+
 def _plural(count, noun):
     return f"{count} {noun}{'' if count == 1 else 's'}"
 
@@ -562,11 +593,11 @@ def describe_deletion(model_id, images):
     )
 
 
-def delete_and_describe(db, model_ids, deadline):
+def delete_and_describe(db, model_ids, deadline, dry_run=False):
     """One reply per requested id, in order: invalid ids are answered without
-    touching anything, the valid ones are deleted together before
-    ``deadline`` (``time.monotonic()``), and a database failure is reported
-    on each of them."""
+    touching anything, the valid ones are deleted together (or, in a dry run,
+    previewed) before ``deadline`` (``time.monotonic()``), and a database
+    failure is reported on each of them."""
     reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
     valid = [model_id for model_id, reason in reasons.items() if reason is None]
     timeout_s = deadline - time.monotonic()
@@ -574,7 +605,7 @@ def delete_and_describe(db, model_ids, deadline):
         if valid and timeout_s <= 0:
             raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
         with pymongo.timeout(timeout_s):
-            found = delete_images_of_models(db, valid) if valid else {}
+            found = (preview_images_of_models if dry_run else delete_images_of_models)(db, valid) if valid else {}
         failure = None
     except Exception as error:  # Reported to the caller; the server goes on.
         log.warning("delete of %d model(s) failed: %s: %s", len(valid), type(error).__name__, error)
@@ -589,7 +620,7 @@ def delete_and_describe(db, model_ids, deadline):
             replies.append(pb2.DeleteImageResponse(
                 success=False, outcome=failure[0], model_id=model_id, message=failure[1]))
         else:
-            replies.append(describe_deletion(model_id, found[model_id]))
+            replies.append((describe_preview if dry_run else describe_deletion)(model_id, found[model_id]))
     return replies
 
 
@@ -650,17 +681,17 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         self._mongo_timeout_s = mongo_timeout_s
         self._threads = database_threads
 
-    async def _delete(self, model_ids, context):
+    async def _delete(self, model_ids, dry_run, context):
         # The budget runs from now: time spent waiting for a free database
         # thread counts against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
         budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
         deadline = time.monotonic() + budget
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, delete_and_describe, self._db, model_ids, deadline)
+        return await loop.run_in_executor(self._threads, delete_and_describe, self._db, model_ids, deadline, dry_run)
 
     async def DeleteImageByModelId(self, request, context):
-        (reply,) = await self._delete([request.model_id], context)
+        (reply,) = await self._delete([request.model_id], request.validate_only, context)
         CURRENT_CALL.get().summary = (
             f"outcome={pb2.Outcome.Name(reply.outcome)} deleted_images={reply.deleted_images}"
             f" deleted_files={reply.deleted_files}")
@@ -671,7 +702,7 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"at most {MAX_BATCH_SIZE} model ids per call, got {len(request.model_ids)}")
-        replies = await self._delete(list(request.model_ids), context)
+        replies = await self._delete(list(request.model_ids), request.validate_only, context)
         outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
         CURRENT_CALL.get().summary = (
             f"outcomes={outcomes} deleted_images={sum(r.deleted_images for r in replies)}"

@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import re
 import signal
 import socket
 import socketserver
@@ -1073,6 +1074,59 @@ def test_the_client_reports_a_server_it_cannot_reach(capsys):
     assert error.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--apply"], "--apply needs --sweep-orphans"),
+    (["--apply-files"], "--apply-files needs --sweep-orphans"),
+    (["--min-age-s", "60"], "--min-age-s needs --sweep-orphans"),
+    (["--batch-size", "10"], "--batch-size needs --sweep-orphans"),
+    (["--sweep-orphans", "--min-age-s", "-5"], "--min-age-s must be zero or more seconds"),
+    (["--sweep-orphans", "--min-age-s", "nan"], "--min-age-s must be zero or more seconds"),
+])
+def test_the_server_refuses_options_that_make_no_sense(tmp_path, argv, message):
+    done = run_server_process({}, "--in-memory", *argv, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].endswith(f"error: {message}")
+
+
+@pytest.mark.parametrize("argv", [["--timeout", "0"], ["--timeout", "-1"], ["--timeout", "abc"],
+                                  ["--address", "localhost"], ["--address", "localhost:0"]])
+def test_the_client_refuses_a_bad_timeout_or_an_address_without_a_port(argv, capsys):
+    with pytest.raises(SystemExit) as usage:
+        client_cli.main(["chair", *argv])
+    assert usage.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+def test_the_client_names_a_bad_timeout_in_its_environment_in_one_line(monkeypatch, capsys):
+    monkeypatch.setenv("IMAGE_SERVICE_TIMEOUT", "abc")
+    assert client_cli.main(["chair"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "error: IMAGE_SERVICE_TIMEOUT must be a number of seconds above 0, got 'abc'"]
+
+
+def test_the_client_ends_on_ctrl_c_with_one_line_and_exit_code_130():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        listener.settimeout(20)
+        client = subprocess.Popen([sys.executable, os.path.join(HERE, "image_service_client.py"), "chair",
+                                   "--address", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        connection, _ = listener.accept()  # connected, and waiting for an answer that never comes
+        with connection:
+            client.send_signal(signal.SIGINT)
+            _, err = client.communicate(timeout=20)
+    assert client.returncode == 130
+    assert err.strip().splitlines() == ["interrupted"]
+
+
+def test_the_client_says_plainly_when_tls_settings_do_not_match(database, certificates, capsys):
+    with serving(database, **tls_settings(certificates)) as (_, running, _):
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--timeout", "5"])
+    assert code == 3
+    assert "(if the server serves TLS, pass --tls-ca)" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------
 # Production behaviour: health, reflection, deadlines, shedding
 # ---------------------------------------------------------------------------
@@ -1366,6 +1420,39 @@ def test_calls_without_a_valid_token_are_refused_and_touch_nothing(database, cap
     assert "token-" not in caplog.text
 
 
+def test_every_refused_call_logs_one_line_with_method_status_and_peer_but_no_token(database, service_log):
+    tokens = server.load_config(TOKENS).auth_tokens
+    with serving(database, auth_tokens=tokens, max_concurrent_rpcs=1) as (stub_, _, _):
+        with pytest.raises(grpc.RpcError):
+            delete(stub_, "chair", metadata=[("authorization", "Bearer not-the-token-0123456789")])
+        unauthenticated = service_log.wait_for("status=UNAUTHENTICATED")
+        good = [("authorization", "Bearer old-token-1b2c3d4e5f")]
+        with pytest.raises(grpc.RpcError):
+            delete_batch(stub_, ["m"] * 1001, metadata=good)
+        too_many = service_log.wait_for("status=INVALID_ARGUMENT")
+    for record in (unauthenticated, too_many):
+        assert record.levelname == "WARNING" and "peer=ipv4:127.0.0.1:" in record.getMessage()
+        assert "request_id=" in record.getMessage()
+    assert unauthenticated.getMessage().startswith("DeleteImageByModelId status=UNAUTHENTICATED")
+    assert too_many.getMessage().startswith("DeleteImagesByModelIds status=INVALID_ARGUMENT")
+    assert "models=1001 ids='m','m','m','m','m',...(+996)" in too_many.getMessage()
+    assert not any("token" in r.getMessage() for r in service_log.records)
+
+
+def test_a_shed_call_logs_one_line(wire, service_log):
+    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, _, _):
+        wire.hang()
+        held = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="held"), timeout=30)
+        assert wire.arrivals.acquire(timeout=10)
+        with pytest.raises(grpc.RpcError):
+            delete(stub_, "shed")
+        record = service_log.wait_for("status=RESOURCE_EXHAUSTED")
+        wire.recover()
+        held.result()
+    assert record.getMessage().startswith("DeleteImageByModelId status=RESOURCE_EXHAUSTED")
+    assert "model_id='shed'" in record.getMessage() and "peer=" in record.getMessage()
+
+
 def test_every_listed_token_is_accepted_so_tokens_can_be_rotated(database):
     upload(database, "chair")
     upload(database, "table")
@@ -1446,6 +1533,78 @@ def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_fo
     assert "failure" in text
     for secret in ("p@ss", "p%40ss", "tok-1-0123456789ab", "tok-2-0123456789ab"):
         assert secret not in text
+
+
+# ---------------------------------------------------------------------------
+# Request ids and dry runs
+# ---------------------------------------------------------------------------
+
+
+def test_the_callers_request_id_is_returned_and_logged(database, stub, service_log):
+    reply, call = stub.DeleteImageByModelId.with_call(
+        pb2.DeleteImageRequest(model_id="chair"), timeout=10, metadata=[("x-request-id", "catalog-42")])
+    assert dict(call.trailing_metadata())["x-request-id"] == "catalog-42"
+    record = service_log.wait_for("request_id=catalog-42")
+    assert record.getMessage().startswith("DeleteImageByModelId status=OK request_id=catalog-42 peer=")
+
+
+def test_without_a_request_id_one_is_made_up_and_a_hostile_one_is_cleaned_and_bounded(database, stub):
+    _, plain = stub.DeleteImageByModelId.with_call(pb2.DeleteImageRequest(model_id="chair"), timeout=10)
+    _, hostile = stub.DeleteImageByModelId.with_call(
+        pb2.DeleteImageRequest(model_id="chair"), timeout=10,
+        metadata=[("x-request-id", "evil id=1 peer=x;" + "a" * 500)])
+    assert re.fullmatch(r"[0-9a-f]{32}", dict(plain.trailing_metadata())["x-request-id"])
+    assert dict(hostile.trailing_metadata())["x-request-id"] == ("evilid1peerx" + "a" * 500)[:64]
+
+
+def test_the_client_sends_and_prints_a_request_id(database, capsys):
+    with serving(database) as (_, running, _):
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--request-id", "ops-7"])
+    assert code == 0
+    assert "request_id=ops-7" in capsys.readouterr().err
+
+
+def test_a_dry_run_says_what_would_be_deleted_and_changes_nothing(database, stub):
+    upload(database, "chair")
+    upload(database, "chair", data=b"jpeg")
+    before = everything(database)
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+    assert everything(database) == before
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_DELETED)
+    assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (2, 2, len(IMAGE) + 4)
+    assert reply.message.startswith("would delete 2 images and 2 files")
+
+
+def test_a_dry_run_batch_answers_per_model_and_changes_nothing(database, stub):
+    upload(database, "chair")
+    gone = upload(database, "table")
+    database["fs.files"].delete_one({"_id": gone})
+    before = everything(database)
+    request = pb2.DeleteImagesRequest(model_ids=["chair", "table", "sofa"], validate_only=True)
+    chair, table, sofa = stub.DeleteImagesByModelIds(request, timeout=10).results
+    assert everything(database) == before
+    assert [(r.deleted_images, r.deleted_files, r.file_bytes) for r in (chair, table, sofa)] == [
+        (1, 1, len(IMAGE)), (1, 0, 0), (0, 0, 0)]
+    assert sofa.outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert all(r.message.startswith("would delete") for r in (chair, table, sofa))
+
+
+def test_a_dry_run_sends_no_write_command(wire):
+    for model_id in ("chair", "table"):
+        upload(wire.db, model_id)
+    with serving_on(wire.client()) as (stub_, _, _):
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+        stub_.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["chair", "table"], validate_only=True),
+                                     timeout=10)
+    assert wire.names() == ["find", "find", "find", "find"]
+
+
+def test_the_client_can_ask_for_a_dry_run(database, capsys):
+    upload(database, "chair")
+    with serving(database) as (_, running, _):
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--dry-run"])
+    assert code == 0 and len(images_of(database, "chair")) == 1
+    assert "would delete 1 image and 1 file" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------
