@@ -45,8 +45,10 @@ from concurrent import futures
 
 import dotenv
 import grpc
+import prometheus_client
 import pymongo
 import pymongo.errors
+import pymongo.monitoring
 import pymongo.uri_parser
 from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -87,6 +89,8 @@ class Config:
     shutdown_delay_s: float = 0.0
     shutdown_grace_s: float = 10.0
     health_interval_s: float = 2.0
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = None  # None: no metrics endpoint
     log_level: str = "INFO"
     log_format: str = "text"
     # Strings that must never reach a log line: the password and the tokens.
@@ -304,6 +308,8 @@ def load_config(env):
         shutdown_delay_s=_number(env, "SHUTDOWN_DELAY_S", Config.shutdown_delay_s, 0, 3600, float),
         shutdown_grace_s=_number(env, "SHUTDOWN_GRACE_S", Config.shutdown_grace_s, 0.001, 3600, float),
         health_interval_s=_number(env, "HEALTH_CHECK_INTERVAL_S", Config.health_interval_s, 0.001, 3600, float),
+        metrics_host=_text(env, "METRICS_HOST", _text(env, "GRPC_HOST", Config.grpc_host)),
+        metrics_port=_number(env, "METRICS_PORT", None, 0, 65535),
         log_level=_choice(env, "LOG_LEVEL", Config.log_level, ("debug", "info", "warning", "error")).upper(),
         log_format=_choice(env, "LOG_FORMAT", Config.log_format, ("text", "json")),
         secrets=tuple(s for s in (*secrets, *_uri_passwords(mongo_uri), *tokens) if s),
@@ -345,7 +351,7 @@ def check_listen_address(host, port, prefix="GRPC"):
 # ---------------------------------------------------------------------------
 
 
-def connect_to_mongo(config):
+def connect_to_mongo(config, event_listeners=()):
     """A client whose every wait is bounded by MONGO_TIMEOUT_MS, not the
     driver's 30 s default. It connects lazily, so start-up never blocks."""
     timeout_ms = int(config.mongo_timeout_s * 1000)
@@ -355,7 +361,60 @@ def connect_to_mongo(config):
         serverSelectionTimeoutMS=timeout_ms,
         connectTimeoutMS=timeout_ms,
         connect=False,
+        event_listeners=list(event_listeners),
     )
+
+
+class CommandTimer(pymongo.monitoring.CommandListener):
+    """Feeds the driver's own command monitoring into a histogram by command name."""
+
+    def __init__(self, histogram):
+        self._histogram = histogram
+
+    def started(self, event):
+        pass
+
+    def succeeded(self, event):
+        self._histogram.labels(event.command_name).observe(event.duration_micros / 1e6)
+
+    failed = succeeded
+
+
+INDEXES = {
+    "images": ([("model_id", 1)], {}, "every delete scans the whole images collection"),
+    "fs.chunks": ([("files_id", 1), ("n", 1)], {"unique": True},
+                  "every chunk delete scans all chunks, and GridFS itself misbehaves"),
+}
+
+
+def missing_indexes(db):
+    """The collections of INDEXES lacking theirs: ``images`` needs an index
+    whose first key is ``model_id``; ``fs.chunks`` GridFS's unique one."""
+    missing = []
+    for collection, (keys, options, _) in INDEXES.items():
+        present = db[collection].index_information().values()
+        if collection == "images":
+            found = any(index["key"][0][0] == keys[0][0] for index in present)
+        else:
+            found = any([tuple(k) for k in index["key"]] == keys and index.get("unique") for index in present)
+        if not found:
+            missing.append(collection)
+    return missing
+
+
+def warn_about_missing_indexes(db):
+    for collection in missing_indexes(db):
+        keys, options, cost = INDEXES[collection]
+        spec = "{" + ", ".join(f"{key}: {order}" for key, order in keys) + "}"
+        log.warning("index missing on %s %s: %s; create it with: python3 image_service_server.py --create-indexes"
+                    " (or db.getCollection(%r).createIndex(%s%s))", collection, spec, cost, collection, spec,
+                    ", {unique: true}" if options.get("unique") else "")
+
+
+def create_indexes(db):
+    """Creates both indexes; MongoDB leaves an existing one as it is."""
+    for collection, (keys, options, _) in INDEXES.items():
+        db[collection].create_index(keys, **options)
 
 
 def classify_failure(error):
@@ -671,15 +730,53 @@ class Call:
 CURRENT_CALL = contextvars.ContextVar("current_call")
 
 
+class Metrics:
+    """The Prometheus series, in a registry of the server's own. No label
+    holds a model id, a peer or a secret: only methods, statuses, outcomes
+    and command names, all from small fixed sets."""
+
+    # gRFC A66's latency buckets (seconds), from 100 us to 100 s.
+    BUCKETS = (0.0001, 0.0003, 0.0006, 0.001, 0.002, 0.004, 0.006, 0.01, 0.016, 0.025, 0.04, 0.065, 0.1,
+               0.16, 0.25, 0.4, 0.65, 1, 2, 5, 10, 20, 50, 100)
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        series = {"registry": self.registry}
+        self.call_duration = prometheus_client.Histogram(
+            "grpc_server_call_duration_seconds", "Time from a call's arrival to its status, by method and status.",
+            ["grpc_method", "grpc_status"], buckets=self.BUCKETS, **series)
+        self.deletions = prometheus_client.Counter(
+            "image_service_deletions", "Model ids answered by real (not dry-run) deletes, by outcome.",
+            ["outcome"], **series)
+        self.images_deleted = prometheus_client.Counter(
+            "image_service_images_deleted", "images metadata documents removed, as MongoDB reported.", **series)
+        self.files_deleted = prometheus_client.Counter(
+            "image_service_files_deleted", "GridFS files removed with their chunks, as MongoDB reported.", **series)
+        self.mongodb_command_duration = prometheus_client.Histogram(
+            "image_service_mongodb_command_duration_seconds", "MongoDB commands, timed by the driver, by command.",
+            ["command"], buckets=self.BUCKETS, **series)
+        self.mongodb_up = prometheus_client.Gauge(
+            "image_service_mongodb_up", "1 while MongoDB answers the health ping, 0 while it does not.", **series)
+        self.calls_in_flight = prometheus_client.Gauge(
+            "image_service_calls_in_flight", "ImageService calls admitted and not yet ended.", **series)
+
+    def count(self, replies):
+        for reply in replies:
+            self.deletions.labels(pb2.Outcome.Name(reply.outcome)).inc()
+            self.images_deleted.inc(reply.deleted_images)
+            self.files_deleted.inc(reply.deleted_files)
+
+
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
     """The ImageService methods of image_service.proto. Each runs the
     deletion on a database thread and awaits it, so the event loop stays
     free for other calls, health checks and reflection."""
 
-    def __init__(self, db, mongo_timeout_s, database_threads):
+    def __init__(self, db, mongo_timeout_s, database_threads, metrics):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
         self._threads = database_threads
+        self._metrics = metrics
 
     async def _delete(self, model_ids, dry_run, context):
         # The budget runs from now: time spent waiting for a free database
@@ -688,7 +785,10 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
         deadline = time.monotonic() + budget
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, delete_and_describe, self._db, model_ids, deadline, dry_run)
+        replies = await loop.run_in_executor(self._threads, delete_and_describe, self._db, model_ids, deadline, dry_run)
+        if not dry_run:
+            self._metrics.count(replies)
+        return replies
 
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)
@@ -747,6 +847,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
+    def __init__(self, metrics):
+        self._metrics = metrics
+
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
@@ -783,7 +886,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("%s request_id=%s failed unexpectedly", method, call.request_id)
                 raise
             finally:
-                _log_call(call, status, level, (time.monotonic() - started) * 1000)
+                seconds = time.monotonic() - started
+                self._metrics.call_duration.labels(full_method.lstrip("/"), status).observe(seconds)
+                _log_call(call, status, level, seconds * 1000)
 
         return _rewrapped(handler, behavior, handler.request_deserializer if handler.request_streaming else parse)
 
@@ -848,8 +953,9 @@ class Admission(grpc.aio.ServerInterceptor):
     deadline, even while its database thread finishes in the background.
     Knows what is in flight, so a shutdown can say what it abandoned."""
 
-    def __init__(self, bound):
+    def __init__(self, bound, gauge):
         self._bound = bound
+        self._gauge = gauge
         self._in_flight = {}  # task -> Call
         self._idle = asyncio.Event()
         self._idle.set()
@@ -870,6 +976,7 @@ class Admission(grpc.aio.ServerInterceptor):
                                     f"server busy: {self._bound} deletes in flight; retry with backoff")
             task = asyncio.current_task()
             self._in_flight[task] = CURRENT_CALL.get()
+            self._gauge.inc()
             self._idle.clear()
             try:
                 return await _run_behavior(_behavior_of(handler), request, context)
@@ -878,7 +985,8 @@ class Admission(grpc.aio.ServerInterceptor):
                     self._log_abandoned(self._in_flight[task])
                 raise
             finally:
-                del self._in_flight[task]
+                self._gauge.dec()
+                self._in_flight.pop(task, None)
                 if not self._in_flight:
                     self._idle.set()
 
@@ -906,11 +1014,14 @@ class MongoHealthMonitor:
     a ping answers within the timeout, NOT_SERVING while it does not. Pings
     run on a thread of their own, so they never wait behind deletes."""
 
-    def __init__(self, health_servicer, client, interval_s, timeout_s):
+    def __init__(self, health_servicer, db, interval_s, timeout_s, up_gauge):
         self._health = health_servicer
-        self._client = client
+        self._db = db
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._up = up_gauge
+        self._indexes_checked = False
+        self.first_check_done = asyncio.Event()
         self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mongo-health")
         self._task = None
         self._last_status = None
@@ -925,7 +1036,10 @@ class MongoHealthMonitor:
 
     def _ping(self):
         with pymongo.timeout(self._timeout_s):
-            self._client.admin.command("ping")
+            self._db.client.admin.command("ping")
+            if not self._indexes_checked:  # once, when MongoDB first answers
+                warn_about_missing_indexes(self._db)
+                self._indexes_checked = True
 
     async def check(self):
         """Pings MongoDB once and publishes the result."""
@@ -935,6 +1049,7 @@ class MongoHealthMonitor:
         except Exception as error:  # Any failure to answer means not serving.
             status = health_pb2.HealthCheckResponse.NOT_SERVING
             problem = type(error).__name__
+        self._up.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
         if status != self._last_status:  # Log the changes, not every ping.
             self._last_status = status
             if status == health_pb2.HealthCheckResponse.SERVING:
@@ -943,6 +1058,7 @@ class MongoHealthMonitor:
                 log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
         for service in ("", SERVICE_NAME):
             await self._health.set(service, status)
+        self.first_check_done.set()
 
     async def _run(self):
         while True:
@@ -1002,6 +1118,11 @@ class RunningServer:
     monitor: MongoHealthMonitor
     admission: Admission
     database_threads: futures.Executor
+    metrics_endpoint: object = None  # the HTTP server of /metrics, when on
+
+    @property
+    def metrics_port(self):
+        return self.metrics_endpoint.server_port if self.metrics_endpoint else None
 
     async def stop(self, grace_s, delay_s=0.0):
         """The drain: NOT_SERVING at once; new calls still accepted for
@@ -1015,6 +1136,9 @@ class RunningServer:
         # Abandoned calls log as their cancellation reaches them.
         await self.admission.wait_idle(1.0)
         self.database_threads.shutdown(wait=False)  # A hung one ends within MONGO_TIMEOUT_MS.
+        if self.metrics_endpoint:
+            self.metrics_endpoint.shutdown()
+            self.metrics_endpoint.server_close()
 
 
 def _server_credentials(config):
@@ -1027,20 +1151,22 @@ def _server_credentials(config):
     )
 
 
-async def start_server(config, db, servicer=None):
+async def start_server(config, db, servicer=None, metrics=None):
     """Builds the server for ``db`` and starts it on the configured address
-    (port 0 picks a free one), on the running event loop. Returns it running;
-    the caller stops it. ``servicer`` replaces the ImageService (the
-    benchmark's no-op floor)."""
-    admission = Admission(config.max_concurrent_rpcs)
-    interceptors = [CallInterceptor(),
+    (port 0 picks a free one), on the running event loop, with /metrics when
+    METRICS_PORT is set. Returns it running; the caller stops it.
+    ``servicer`` replaces the ImageService (the benchmark's no-op floor);
+    ``metrics`` is given when the MongoDB client already feeds it."""
+    metrics = metrics or Metrics()
+    admission = Admission(config.max_concurrent_rpcs, metrics.calls_in_flight)
+    interceptors = [CallInterceptor(metrics),
                     *([BearerTokenInterceptor(config.auth_tokens)] if config.auth_tokens else []),
                     admission]
     # A second instance on the same port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     database_threads = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="mongo")
     pb2_grpc.add_ImageServiceServicer_to_server(
-        servicer or ImageServiceServicer(db, config.mongo_timeout_s, database_threads), server)
+        servicer or ImageServiceServicer(db, config.mongo_timeout_s, database_threads, metrics), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -1052,22 +1178,26 @@ async def start_server(config, db, servicer=None):
     # interval, so a dead MongoDB shows as NOT_SERVING within two intervals.
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    monitor = MongoHealthMonitor(health_servicer, db.client, config.health_interval_s,
-                                 min(config.health_interval_s, config.mongo_timeout_s))
+    monitor = MongoHealthMonitor(health_servicer, db, config.health_interval_s,
+                                 min(config.health_interval_s, config.mongo_timeout_s), metrics.mongodb_up)
     await server.start()
     monitor.start()
-    return RunningServer(server, port, health_servicer, monitor, admission, database_threads)
+    endpoint = None
+    if config.metrics_port is not None:
+        endpoint, _ = prometheus_client.start_http_server(config.metrics_port, config.metrics_host,
+                                                          registry=metrics.registry)
+    return RunningServer(server, port, health_servicer, monitor, admission, database_threads, endpoint)
 
 
 class BackgroundServer:
     """The server on an event loop of its own, in a thread: for embedding
     it in synchronous code (the tests, the benchmark, the load run)."""
 
-    def __init__(self, config, db, servicer=None):
+    def __init__(self, config, db, servicer=None, metrics=None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._thread.start()
-        self.running = self.run(start_server(config, db, servicer))
+        self.running = self.run(start_server(config, db, servicer, metrics))
         self.port = self.running.port
 
     def run(self, coroutine, timeout_s=None):
@@ -1082,7 +1212,7 @@ class BackgroundServer:
             self._thread.join()
 
 
-async def serve(config, db, describe):
+async def serve(config, db, describe, metrics):
     """Serves until SIGTERM or SIGINT, then drains (see RunningServer.stop);
     a second signal during the drain exits at once."""
     loop = asyncio.get_running_loop()
@@ -1090,12 +1220,14 @@ async def serve(config, db, describe):
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        running = await start_server(config, db)
+        running = await start_server(config, db, metrics=metrics)
     except RuntimeError as error:  # gRPC's way of saying it cannot listen
         raise ConfigError(f"GRPC_PORT: cannot listen on {config.grpc_host}:{config.grpc_port}") from error
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
     log.info("serving %s on %s:%d (%s%s), database %s", SERVICE_NAME, config.grpc_host, running.port,
              tls, ", bearer tokens" if config.auth_tokens else "", describe)
+    if running.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", config.metrics_host, running.metrics_port)
     await signals.get()
     log.info("shutting down: NOT_SERVING now, new calls accepted for %g s more, then calls in flight get"
              " up to %g s", config.shutdown_delay_s, config.shutdown_grace_s)
@@ -1241,6 +1373,8 @@ def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--in-memory", action="store_true",
                         help="serve an in-memory MongoDB stand-in holding sample images (no MongoDB needed)")
+    parser.add_argument("--create-indexes", action="store_true",
+                        help="create the indexes deletes need (images.model_id, GridFS's on fs.chunks), then exit")
     parser.add_argument("--sweep-orphans", action="store_true",
                         help="report orphaned chunks, files and metadata, then exit")
     parser.add_argument("--apply", action="store_true",
@@ -1258,6 +1392,8 @@ def parse_arguments(argv):
         parser.error(f"{', '.join(name for name, given in sweep_only.items() if given)} needs --sweep-orphans")
     if args.apply_files and not args.apply:
         parser.error("--apply-files needs --apply")
+    if args.create_indexes and args.sweep_orphans:
+        parser.error("--create-indexes and --sweep-orphans are separate runs")
     args.batch_size = 500 if args.batch_size is None else args.batch_size
     args.min_age_s = 3600.0 if args.min_age_s is None else args.min_age_s
     if args.batch_size < 1:
@@ -1267,12 +1403,12 @@ def parse_arguments(argv):
     return args
 
 
-def open_database(config, in_memory):
+def open_database(config, in_memory, event_listeners=()):
     """The database to serve, and how to describe it in the log."""
     if in_memory:
         return open_in_memory_database(config), f"in-memory stand-in/{config.mongo_db}"
     try:
-        client = connect_to_mongo(config)
+        client = connect_to_mongo(config, event_listeners)
     except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
         raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
     return client[config.mongo_db], describe_database(config)
@@ -1280,15 +1416,28 @@ def open_database(config, in_memory):
 
 def main(argv=None):
     args = parse_arguments(argv)
+    serving = not (args.sweep_orphans or args.create_indexes)
+    metrics = Metrics()
     try:
         config = load_config(read_environment())
-        if not args.sweep_orphans:
+        if serving:
             check_listen_address(config.grpc_host, config.grpc_port)
-        db, describe = open_database(config, args.in_memory)
+            if config.metrics_port is not None:
+                check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
+        db, describe = open_database(config, args.in_memory, [CommandTimer(metrics.mongodb_command_duration)])
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config)
+    if args.create_indexes:
+        try:
+            create_indexes(db)
+        except pymongo.errors.PyMongoError as error:
+            reason = redact(str(error).splitlines()[0], config.secrets)
+            print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
+            return 1
+        print(f"indexes present on {describe}: images {{model_id: 1}}, fs.chunks {{files_id: 1, n: 1}} (unique)")
+        return 0
     if args.sweep_orphans:
         try:
             run_sweep(db, args)
@@ -1300,7 +1449,7 @@ def main(argv=None):
         log.info("in-memory MongoDB stand-in with sample models %s; try: python3 image_service_client.py %s"
                  " --address 127.0.0.1:%d", ", ".join(SAMPLE_MODELS), next(iter(SAMPLE_MODELS)), config.grpc_port)
     try:
-        asyncio.run(serve(config, db, describe))
+        asyncio.run(serve(config, db, describe, metrics))
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2

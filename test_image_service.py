@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import bson
 import grpc
@@ -116,9 +117,12 @@ TEST_CONFIG = server.Config(
 
 
 @contextlib.contextmanager
-def serving(db, **settings_):
+def serving(db, metrics=None, **settings_):
     """The service on an ephemeral port, and a stub for it."""
-    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db)
+    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics)
+    # mongomock is not safe to use from two threads at once: let the first
+    # ping (and index check) pass before the test touches the database.
+    running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
@@ -265,6 +269,8 @@ class WireMongo:
         with self._mockup._unlock():
             if name in ("endSessions", "killCursors"):
                 return request.ok()
+            if name == "listIndexes":  # the index check, not a data command
+                return request.ok(cursor=self._indexes(request.doc[name]))
             if name != "ping":
                 self.arrivals.release()
             while not self.answering.wait(0.05):
@@ -284,6 +290,11 @@ class WireMongo:
             reply = self._execute(name, request.doc)
             return request.hangup() if fault == "drop-after" else request.ok(reply)
 
+    def _indexes(self, collection):
+        indexes = [{"v": 2, "key": dict(index["key"]), "name": name, **({"unique": True} if index.get("unique") else {})}
+                   for name, index in self.db[collection].index_information().items()]
+        return {"id": Int64(0), "ns": f"{self.db.name}.{collection}", "firstBatch": indexes}
+
     def _execute(self, name, command):
         collection = self.db[command[name]]
         namespace = f"{self.db.name}.{command[name]}"
@@ -291,6 +302,10 @@ class WireMongo:
             documents = list(collection.find(command.get("filter", {}), command.get("projection")))
         elif name == "aggregate":
             documents = list(collection.aggregate(command["pipeline"]))
+        elif name == "createIndexes":
+            for index in command["indexes"]:
+                collection.create_index(list(index["key"].items()), unique=index.get("unique", False))
+            return {"numIndexesBefore": 1, "numIndexesAfter": 1 + len(command["indexes"])}
         elif name == "insert":
             return {"n": len(collection.insert_many(command["documents"]).inserted_ids)}
         elif name == "delete":
@@ -429,9 +444,9 @@ def wire():
 
 
 @contextlib.contextmanager
-def serving_on(mongo_client, **settings_):
+def serving_on(mongo_client, metrics=None, **settings_):
     """The service on a real pymongo client, and a stub for it."""
-    with mongo_client, serving(mongo_client["CatalogServiceDB"], **settings_) as served:
+    with mongo_client, serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
         yield served
 
 
@@ -1605,6 +1620,89 @@ def test_the_client_can_ask_for_a_dry_run(database, capsys):
         code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--dry-run"])
     assert code == 0 and len(images_of(database, "chair")) == 1
     assert "would delete 1 image and 1 file" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------
+# Metrics and indexes
+# ---------------------------------------------------------------------------
+
+
+def scrape(port):
+    """The /metrics page, as text and as {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    return text, samples
+
+
+def test_metrics_count_exactly_what_deletes_removed_and_name_no_model(database):
+    upload(database, "secret-chair-model")
+    upload(database, "secret-chair-model")
+    with serving(database, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, channel):
+        delete(stub_, "secret-chair-model")
+        delete(stub_, "secret-chair-model")
+        delete(stub_, "")
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        text, samples = scrape(running.running.metrics_port)
+    method = "image_service.ImageService/DeleteImageByModelId"
+    assert samples["image_service_images_deleted_total", ()] == 2
+    assert samples["image_service_files_deleted_total", ()] == 2
+    for outcome in ("OUTCOME_DELETED", "OUTCOME_NOTHING_TO_DELETE", "OUTCOME_INVALID_ARGUMENT"):
+        assert samples["image_service_deletions_total", (("outcome", outcome),)] == 1
+    assert samples["grpc_server_call_duration_seconds_count", (("grpc_method", method), ("grpc_status", "OK"))] == 3
+    assert samples["grpc_server_call_duration_seconds_count",
+                   (("grpc_method", "grpc.health.v1.Health/Check"), ("grpc_status", "OK"))] == 1
+    assert samples["image_service_mongodb_up", ()] == 1
+    assert samples["image_service_calls_in_flight", ()] == 0
+    assert "secret-chair" not in text and "127.0.0.1" not in text
+
+
+def test_a_dry_run_moves_no_deletion_counter(database):
+    upload(database, "chair")
+    with serving(database, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+        _, samples = scrape(running.running.metrics_port)
+    assert samples["image_service_images_deleted_total", ()] == 0
+    assert not any(name == "image_service_deletions_total" for name, _ in samples)
+
+
+def test_mongodb_commands_are_timed_from_the_drivers_own_monitoring(wire):
+    upload(wire.db, "chair")
+    metrics = server.Metrics()
+    client = pymongo.MongoClient(wire.uri, event_listeners=[server.CommandTimer(metrics.mongodb_command_duration)])
+    with serving_on(client, metrics=metrics, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
+        delete(stub_, "chair")
+        _, samples = scrape(running.running.metrics_port)
+    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "find"),)] == 1
+    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "delete"),)] == 3
+
+
+def test_missing_indexes_are_warned_about_once_mongodb_answers(database, service_log):
+    with serving(database):
+        warnings = [r.getMessage() for r in service_log.records if r.getMessage().startswith("index missing")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("index missing on images {model_id: 1}: every delete scans")
+    assert warnings[1].startswith("index missing on fs.chunks {files_id: 1, n: 1}")
+    assert all("--create-indexes" in warning for warning in warnings)
+
+
+def test_create_indexes_creates_both_and_can_be_run_again(tmp_path, wire):
+    for _ in range(2):
+        done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert server.missing_indexes(wire.db) == []
+    assert wire.db["fs.chunks"].index_information()["files_id_1_n_1"]["unique"]
+
+
+def test_create_indexes_without_mongodb_says_so_in_one_line_and_exits_1(tmp_path):
+    done = run_server_process({"MONGO_URI": f"mongodb://127.0.0.1:{closed_port()}/", "MONGO_TIMEOUT_MS": "300"},
+                              "--create-indexes", cwd=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("cannot create the indexes: ServerSelectionTimeoutError")
 
 
 # ---------------------------------------------------------------------------
