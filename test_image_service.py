@@ -22,6 +22,7 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import socketserver
@@ -1703,6 +1704,30 @@ def test_create_indexes_without_mongodb_says_so_in_one_line_and_exits_1(tmp_path
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("cannot create the indexes: ServerSelectionTimeoutError")
+
+
+UNIT = os.path.join(HERE, "deploy", "image-service.service")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed: install systemd to check the unit's sandbox")
+def test_the_systemd_unit_is_sandboxed_and_verifies():
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", UNIT],
+                              capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for image-service.service: ([0-9.]+)", security.stdout)
+    assert score and float(score.group(1)) <= 2.0, security.stdout[-500:]
+    verify = subprocess.run(["systemd-analyze", "verify", UNIT], capture_output=True, text=True, timeout=60)
+    assert (verify.stdout + verify.stderr).strip().splitlines() == [
+        "image-service.service: Command /opt/image-service/.venv/bin/python3 is not executable:"
+        " No such file or directory"]
+
+
+def test_the_systemd_unit_waits_longer_than_the_drain():
+    with open(UNIT) as unit:
+        settings_ = dict(line.strip().split("=", 1) for line in unit if re.match(r"^[A-Za-z]+=", line))
+    default = server.load_config({})
+    assert float(settings_["TimeoutStopSec"]) >= default.shutdown_delay_s + default.shutdown_grace_s + 5
+    assert settings_["EnvironmentFile"] == "/etc/image-service/env" and settings_["Restart"] == "on-failure"
 
 
 # ---------------------------------------------------------------------------
