@@ -1,7 +1,8 @@
 """Benchmark of the image service: deletes per second, latency, database commands.
 
-    python bench_image_service.py                    # in memory, 2 ms added per database command
-    python bench_image_service.py --mongo-uri URI    # a real MongoDB (use a scratch database)
+    python3 bench_image_service.py                    # in memory, 2 ms added per database command
+    python3 bench_image_service.py --mongo-uri URI    # a real MongoDB (use a scratch database)
+    python3 bench_image_service.py --serving          # the server itself, against a no-op servicer
 
 It starts the server in-process on a free loopback port, seeds N models of K
 images each, shaped as the upload service writes them, and measures:
@@ -278,8 +279,11 @@ def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
 def child_server(kind, latency_ms, max_concurrent_rpcs=100, database="ImageServiceBench"):
     """A server in a process of its own (so the load generator does not
     share its interpreter); yields the pipe to it and a stub."""
-    parent_end, child_end = multiprocessing.Pipe()
-    process = multiprocessing.get_context("fork").Process(
+    # Spawned, not forked: a forked child would inherit this process's gRPC
+    # threads and state, which gRPC does not support.
+    context = multiprocessing.get_context("spawn")
+    parent_end, child_end = context.Pipe()
+    process = context.Process(
         target=_child_server, args=(child_end, kind, latency_ms, max_concurrent_rpcs, database), daemon=True)
     process.start()
     port = parent_end.recv()

@@ -8,13 +8,16 @@ model only when the reply says ``success: true``.
 
 This one file is the whole service. It reads top to bottom:
 
-1. configuration, from the environment and an optional ``.env`` file;
-2. MongoDB access;
-3. the deletion itself, in at most four database commands;
-4. the servicer and what surrounds it (tokens, health, logging);
-5. serving, the maintenance sweep and the command line.
+1. configuration, from the environment and an optional ``.env`` file, all
+   checked before anything listens;
+2. MongoDB access (command timing, the index check);
+3. the deletion itself: four database commands up to 100,000 images;
+4. the calls: the servicer and the interceptors around it (request ids and
+   log lines, tokens, admission), health, metrics and logging;
+5. serving on grpc.aio and the drain, then the in-memory stand-in, the
+   maintenance sweep and the command line.
 
-Run ``python image_service_server.py --help`` for the command line.
+Run ``python3 image_service_server.py --help`` for the command line.
 """
 
 import argparse
@@ -25,6 +28,7 @@ import contextvars
 import dataclasses
 import datetime
 import errno
+import functools
 import hmac
 import inspect
 import ipaddress
@@ -849,15 +853,16 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, metrics):
         self._metrics = metrics
+        self._wrapped = _WrappedHandlers(self._wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None:
-            return None
-        full_method = handler_call_details.method
+        return handler and self._wrapped.get(handler_call_details.method, handler)
+
+    def _wrap(self, full_method, handler):
         method = full_method.rsplit("/", 1)[-1]
         level = logging.DEBUG if full_method.startswith(self._QUIET_PREFIXES) else logging.INFO
-        metadata = handler_call_details.invocation_metadata
+        duration = functools.partial(self._metrics.call_duration.labels, full_method.lstrip("/"))
 
         def parse(body, deserialize=handler.request_deserializer):
             try:
@@ -866,7 +871,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 return _Unparsable()
 
         async def behavior(request, context):
-            call = Call(method, request_id_of(metadata), context.peer(), _model_ids_of(request))
+            call = Call(method, request_id_of(context.invocation_metadata()), context.peer(), _model_ids_of(request))
             CURRENT_CALL.set(call)
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             started, status = time.monotonic(), "OK"
@@ -887,10 +892,26 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 seconds = time.monotonic() - started
-                self._metrics.call_duration.labels(full_method.lstrip("/"), status).observe(seconds)
+                duration(status).observe(seconds)
                 _log_call(call, status, level, seconds * 1000)
 
         return _rewrapped(handler, behavior, handler.request_deserializer if handler.request_streaming else parse)
+
+
+class _WrappedHandlers:
+    """An interceptor's wrapped handler for each method, built once: the
+    handlers gRPC finds for a method stay the same from call to call."""
+
+    def __init__(self, wrap):
+        self._wrap = wrap
+        self._by_method = {}
+
+    def get(self, method, handler):
+        inner, wrapped = self._by_method.get(method, (None, None))
+        if inner is not handler:
+            wrapped = self._wrap(method, handler)
+            self._by_method[method] = (handler, wrapped)
+        return wrapped
 
 
 def _model_ids_of(request):
@@ -923,6 +944,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, tokens):
         self._tokens = [token.encode() for token in tokens]
+        self._refusals = _WrappedHandlers(self._refusal)
 
     def _authorized(self, metadata):
         header = dict(metadata or ()).get("authorization", "")
@@ -939,7 +961,10 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if (handler is None or handler_call_details.method.startswith(self._EXEMPT_PREFIX)
                 or self._authorized(handler_call_details.invocation_metadata)):
             return handler
+        return self._refusals.get(handler_call_details.method, handler)
 
+    @staticmethod
+    def _refusal(method, handler):
         async def refuse(request, context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
 
@@ -959,6 +984,7 @@ class Admission(grpc.aio.ServerInterceptor):
         self._in_flight = {}  # task -> Call
         self._idle = asyncio.Event()
         self._idle.set()
+        self._wrapped = _WrappedHandlers(self._wrap)
         self.stopping = False
 
     @property
@@ -969,7 +995,9 @@ class Admission(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
             return handler
+        return self._wrapped.get(handler_call_details.method, handler)
 
+    def _wrap(self, method, handler):
         async def admitted(request, context):
             if len(self._in_flight) >= self._bound:
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,

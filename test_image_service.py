@@ -992,8 +992,8 @@ def test_env_example_lists_every_variable():
     for name in ("MONGO_URI", "MONGO_HOST", "MONGO_PORT", "MONGO_DB", "MONGO_USER", "MONGO_PASSWORD",
                  "MONGO_AUTH_SOURCE", "MONGO_TIMEOUT_MS", "GRPC_HOST", "GRPC_PORT", "GRPC_MAX_WORKERS",
                  "GRPC_MAX_CONCURRENT_RPCS", "GRPC_REFLECTION", "GRPC_TLS_CERT", "GRPC_TLS_KEY",
-                 "GRPC_TLS_CLIENT_CA", "GRPC_AUTH_TOKEN", "SHUTDOWN_GRACE_S", "HEALTH_CHECK_INTERVAL_S",
-                 "LOG_LEVEL", "LOG_FORMAT"):
+                 "GRPC_TLS_CLIENT_CA", "GRPC_AUTH_TOKEN", "SHUTDOWN_DELAY_S", "SHUTDOWN_GRACE_S",
+                 "HEALTH_CHECK_INTERVAL_S", "LOG_LEVEL", "LOG_FORMAT", "METRICS_PORT", "METRICS_HOST"):
         assert name in listed and f'"{name}"' in code, name
 
 
@@ -1003,7 +1003,7 @@ def test_env_example_lists_every_variable():
 
 
 class ServerProcess:
-    """``python image_service_server.py`` in a child process on a free port."""
+    """``python3 image_service_server.py`` in a child process on a free port."""
 
     def __init__(self, tmp_path, env_overrides=(), *args):
         self.port = closed_port()
