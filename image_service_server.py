@@ -47,6 +47,11 @@ import urllib.parse
 import uuid
 from concurrent import futures
 
+# gRPC's own log lines (one per failed TLS handshake, say) go to stderr
+# outside our log format, and any client can cause them: errors only, unless
+# the operator asks for more. gRPC reads this once, when it is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 import dotenv
 import grpc
 import prometheus_client
@@ -797,6 +802,7 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)
         CURRENT_CALL.get().summary = (
+            f"{'dry_run ' if request.validate_only else ''}"
             f"outcome={pb2.Outcome.Name(reply.outcome)} deleted_images={reply.deleted_images}"
             f" deleted_files={reply.deleted_files}")
         return reply
@@ -809,7 +815,7 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         replies = await self._delete(list(request.model_ids), request.validate_only, context)
         outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
         CURRENT_CALL.get().summary = (
-            f"outcomes={outcomes} deleted_images={sum(r.deleted_images for r in replies)}"
+            f"{'dry_run ' if request.validate_only else ''}outcomes={outcomes} deleted_images={sum(r.deleted_images for r in replies)}"
             f" deleted_files={sum(r.deleted_files for r in replies)}")
         return pb2.DeleteImagesResponse(results=replies)
 
@@ -1296,10 +1302,11 @@ SAMPLE_MODELS = {"sample-chair": 2, "sample-table": 1, "sample-lamp": 3}
 
 
 def open_in_memory_database(config):
-    """A mongomock database holding a few sample images."""
+    """A mongomock database holding a few sample images, with the indexes."""
     import mongomock  # Only this mode needs it.
 
     db = mongomock.MongoClient()[config.mongo_db]
+    create_indexes(db)  # as a well-kept database has them
     for model_id, count in SAMPLE_MODELS.items():
         for number in range(count):
             store_image(db, model_id, bytes(300 * 1024), name=f"{model_id}-{number}.jpg")
