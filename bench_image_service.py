@@ -322,7 +322,7 @@ def serving_rows(args):
                                    args.images if kind == "delete" else 0, args.image_kib))
                         model_ids = pipe.recv()
                         rate, p50, p99 = rate_and_latency([
-                            lambda m=m: check_single(stub.DeleteImageByModelId(
+                            lambda m=m, kind=kind: check_single(stub.DeleteImageByModelId(
                                 pb2.DeleteImageRequest(model_id=m), timeout=60), kind)
                             for m in model_ids], concurrency)
                         rates.append(rate), p50s.append(p50), p99s.append(p99)

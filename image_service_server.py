@@ -400,7 +400,7 @@ def missing_indexes(db):
     """The collections of INDEXES lacking theirs: ``images`` needs an index
     whose first key is ``model_id``; ``fs.chunks`` GridFS's unique one."""
     missing = []
-    for collection, (keys, options, _) in INDEXES.items():
+    for collection, (keys, _, _) in INDEXES.items():
         present = db[collection].index_information().values()
         if collection == "images":
             found = any(index["key"][0][0] == keys[0][0] for index in present)
@@ -815,7 +815,8 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         replies = await self._delete(list(request.model_ids), request.validate_only, context)
         outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
         CURRENT_CALL.get().summary = (
-            f"{'dry_run ' if request.validate_only else ''}outcomes={outcomes} deleted_images={sum(r.deleted_images for r in replies)}"
+            f"{'dry_run ' if request.validate_only else ''}outcomes={outcomes}"
+            f" deleted_images={sum(r.deleted_images for r in replies)}"
             f" deleted_files={sum(r.deleted_files for r in replies)}")
         return pb2.DeleteImagesResponse(results=replies)
 

@@ -15,7 +15,6 @@ import datetime
 import filecmp
 import gc
 import io
-import itertools
 import json
 import logging
 import multiprocessing
@@ -292,7 +291,8 @@ class WireMongo:
             return request.hangup() if fault == "drop-after" else request.ok(reply)
 
     def _indexes(self, collection):
-        indexes = [{"v": 2, "key": dict(index["key"]), "name": name, **({"unique": True} if index.get("unique") else {})}
+        indexes = [{"v": 2, "key": dict(index["key"]), "name": name,
+                    **({"unique": True} if index.get("unique") else {})}
                    for name, index in self.db[collection].index_information().items()]
         return {"id": Int64(0), "ns": f"{self.db.name}.{collection}", "firstBatch": indexes}
 
@@ -757,7 +757,8 @@ def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
 
 
 def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
-    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789", "MONGO_HOST": "127.0.0.1",
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789",
+                                 "MONGO_HOST": "127.0.0.1",
                                  "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
     with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
         started = time.monotonic()
@@ -1536,7 +1537,8 @@ def test_json_logs_are_one_object_per_line(root_logging, tmp_path):
 
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_format):
-    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word-0123456789', "LOG_FORMAT": log_format,
+    config = server.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word-0123456789',
+                                 "LOG_FORMAT": log_format,
                                  "GRPC_AUTH_TOKEN": "tok-1-0123456789ab,tok-2-0123456789ab"})
     with open(tmp_path / "log", "w+") as stream:
         server.configure_logging(config, stream)
