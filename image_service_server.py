@@ -932,8 +932,8 @@ def _model_ids_of(request):
 def _log_call(call, status, level, ms):
     ids = (f" model_id={_shown(call.model_ids[0])}" if call.method == "DeleteImageByModelId" and call.model_ids
            else f" models={len(call.model_ids)} ids={_shown_ids(call.model_ids)}" if call.model_ids else "")
-    if status != "OK":
-        level = logging.WARNING
+    if status != "OK" and not (status == "CANCELLED" and level == logging.DEBUG):
+        level = logging.WARNING  # a refused or failed call; a probe that hung up is no news
     log.log(level, "%s status=%s request_id=%s peer=%s%s%s ms=%.1f", call.method, status, call.request_id,
             call.peer, ids, f" {call.summary}" if call.summary else "", ms)
 
