@@ -770,10 +770,12 @@ class Metrics:
             "image_service_calls_in_flight", "ImageService calls admitted and not yet ended.", **series)
 
     def count(self, replies):
-        for reply in replies:
-            self.deletions.labels(pb2.Outcome.Name(reply.outcome)).inc()
-            self.images_deleted.inc(reply.deleted_images)
-            self.files_deleted.inc(reply.deleted_files)
+        """Counts a call's results, a few updates per call even for a batch
+        of 1000 (this runs on the event loop)."""
+        for outcome, number in collections.Counter(reply.outcome for reply in replies).items():
+            self.deletions.labels(pb2.Outcome.Name(outcome)).inc(number)
+        self.images_deleted.inc(sum(reply.deleted_images for reply in replies))
+        self.files_deleted.inc(sum(reply.deleted_files for reply in replies))
 
 
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
