@@ -996,10 +996,6 @@ class Admission(grpc.aio.ServerInterceptor):
         self._wrapped = _WrappedHandlers(self._wrap)
         self.stopping = False
 
-    @property
-    def in_flight(self):
-        return len(self._in_flight)
-
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None or not handler_call_details.method.startswith(f"/{SERVICE_NAME}/"):
