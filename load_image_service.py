@@ -27,6 +27,8 @@ import mongomock
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
+from image_service_settings import load_config
+from image_service_store import store_image
 
 
 def resident_kib():
@@ -103,8 +105,8 @@ def start_in_memory(models, images, max_concurrent_rpcs):
     model_ids = [f"load-model-{i}" for i in range(models)]
     for model_id in model_ids:
         for _ in range(images):
-            server.store_image(db, model_id, bytes(4096))
-    config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
+            store_image(db, model_id, bytes(4096))
+    config = dataclasses.replace(load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_concurrent_rpcs=max_concurrent_rpcs)
     # Half the calls go to models that never had images.
     return server.BackgroundServer(config, db), model_ids + [f"unknown-{i}" for i in range(models)]
@@ -126,7 +128,8 @@ def main(argv=None):
     parser.add_argument("--max-seconds", type=float, default=120)
     parser.add_argument("--models", type=int, default=500, help="models seeded with images")
     parser.add_argument("--images", type=int, default=2, help="images per seeded model")
-    parser.add_argument("--max-concurrent-rpcs", type=int, default=100, help="the server's GRPC_MAX_CONCURRENT_RPCS")
+    parser.add_argument("--max-concurrent-rpcs", type=int, default=100,
+                        help="the server's GRPC_MAX_CONCURRENT_RPCS")
     args = parser.parse_args(argv)
     running, model_ids = start_in_memory(args.models, args.images, args.max_concurrent_rpcs)
     try:

@@ -1,0 +1,131 @@
+"""The orphan sweep: an operator's tool for what the old service left behind.
+
+This module owns ``--sweep-orphans`` of ``image_service_server.py``: a
+report of chunks without a file, files no ``images`` document references and
+``images`` documents whose file is gone, and, with ``--apply`` (and
+``--apply-files``), their removal in batches. It reads ``image_id`` with the
+same function as the deletion (``image_service_store.referenced_file_id``).
+"""
+
+import dataclasses
+import datetime
+import re
+import sys
+
+from bson import ObjectId
+
+from image_service_store import in_batches, referenced_file_id
+
+
+@dataclasses.dataclass
+class OrphanReport:
+    """What does not hang together in the image store."""
+
+    chunk_file_ids: list  # files_id of chunks whose fs.files document is gone
+    unreferenced_file_ids: list  # fs.files no images document points at
+    dangling_metadata_ids: list  # images documents whose file is gone or invalid
+
+
+def find_orphans(db, min_age_s, now=None):
+    """Scans images, then files, then chunks (the reverse of the order in
+    which uploads write them), so an upload in progress never looks like a
+    dangling reference. Files and chunks younger than ``min_age_s`` are not
+    counted: they may belong to an upload that has not finished."""
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    cutoff = now - datetime.timedelta(seconds=min_age_s)
+    references = {}
+    for document in db.images.find({}, {"image_id": 1}):
+        references[document["_id"]] = referenced_file_id(document.get("image_id"))
+    files = {f["_id"]: f.get("uploadDate") for f in db["fs.files"].find({}, {"uploadDate": 1})}
+    referenced = set(references.values())
+    unreferenced = [file_id for file_id, uploaded in files.items() if file_id not in referenced
+                    and uploaded is not None and _utc(uploaded) < cutoff]
+    dangling = [doc_id for doc_id, file_id in references.items() if file_id not in files]
+    chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id", "newest": {"$max": "$_id"}}}])
+    orphan_chunks = [group["_id"] for group in chunk_groups if group["_id"] not in files
+                     and isinstance(group["newest"], ObjectId) and group["newest"].generation_time < cutoff]
+    return OrphanReport(orphan_chunks, unreferenced, dangling)
+
+
+def _utc(moment):
+    return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
+
+
+def references_to(db, file_ids):
+    """Which of these files an ``images`` document references now, in any
+    spelling referenced_file_id accepts: the two canonical ones by index,
+    and every odd string (upper case, spaces) read and parsed."""
+    canonical = [*file_ids, *(str(file_id) for file_id in file_ids)]
+    odd = {"$type": "string", "$not": re.compile("^[0-9a-f]{24}$")}
+    query = {"$or": [{"image_id": {"$in": canonical}}, {"image_id": odd}]}
+    documents = db.images.find(query, {"image_id": 1})
+    return {referenced_file_id(document.get("image_id")) for document in documents} & set(file_ids)
+
+
+def sweep_orphans(db, report, apply_files, batch_size):
+    """Removes what the report found, ``batch_size`` ids per command: chunks
+    without a file and metadata pointing at nothing, and unreferenced files
+    only when ``apply_files``. Returns the number of documents removed."""
+    removed = {"chunks": 0, "images": 0, "files": 0}
+    for batch in in_batches(report.chunk_file_ids, batch_size):
+        removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
+    for batch in in_batches(report.dangling_metadata_ids, batch_size):
+        removed["images"] += db.images.delete_many({"_id": {"$in": batch}}).deleted_count
+    if apply_files:
+        for batch in in_batches(report.unreferenced_file_ids, batch_size):
+            # A file is gone for good: look once more for a reference made
+            # since the scan.
+            taken = references_to(db, batch)
+            batch = [file_id for file_id in batch if file_id not in taken]
+            removed["files"] += db["fs.files"].delete_many({"_id": {"$in": batch}}).deleted_count
+            removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
+    return removed
+
+
+def run_sweep(db, args, out=sys.stdout, now=None):
+    """Prints the orphan report, and sweeps when told to."""
+    report = find_orphans(db, args.min_age_s, now)
+    for label, ids in (("chunks without a file (by files_id)", report.chunk_file_ids),
+                       ("files no images document references", report.unreferenced_file_ids),
+                       ("images documents whose file is gone", report.dangling_metadata_ids)):
+        sample = ", ".join(str(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        print(f"{len(ids):>8}  {label}{': ' + sample if ids else ''}", file=out)
+    if not args.apply:
+        print("report only: nothing changed (--apply removes orphan chunks and dangling metadata,"
+              " --apply-files unreferenced files too)", file=out)
+        return
+    removed = sweep_orphans(db, report, args.apply_files, args.batch_size)
+    print(f"removed {removed['chunks']} chunks, {removed['images']} images documents,"
+          f" {removed['files']} files", file=out)
+
+
+
+def add_arguments(parser):
+    """The sweep's options, on the server's command line."""
+    parser.add_argument("--sweep-orphans", action="store_true",
+                        help="report orphaned chunks, files and metadata, then exit")
+    parser.add_argument("--apply", action="store_true",
+                        help="with --sweep-orphans: remove orphan chunks and dangling metadata")
+    parser.add_argument("--apply-files", action="store_true",
+                        help="with --apply: remove unreferenced files too")
+    parser.add_argument("--batch-size", type=int, help="with --sweep-orphans: ids per delete command (500)")
+    parser.add_argument("--min-age-s", type=float,
+                        help="with --sweep-orphans: leave files and chunks younger than this (3600 s): they"
+                             " may be uploads in progress")
+
+
+def check_arguments(parser, args):
+    """Refuses sweep options that make no sense, and fills in the defaults."""
+    sweep_only = {"--apply": args.apply, "--apply-files": args.apply_files,
+                  "--batch-size": args.batch_size is not None, "--min-age-s": args.min_age_s is not None}
+    given = [name for name, present in sweep_only.items() if present]
+    if not args.sweep_orphans and given:
+        parser.error(f"{', '.join(given)} needs --sweep-orphans")
+    if args.apply_files and not args.apply:
+        parser.error("--apply-files needs --apply")
+    args.batch_size = 500 if args.batch_size is None else args.batch_size
+    args.min_age_s = 3600.0 if args.min_age_s is None else args.min_age_s
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    if not 0 <= args.min_age_s < float("inf"):
+        parser.error("--min-age-s must be zero or more seconds")

@@ -1,0 +1,108 @@
+"""The fixtures every test file shares: databases (mongomock, a real MongoDB when
+TEST_MONGO_URI is set, the wire-level stand-in), the service log, TLS
+certificates."""
+
+import logging
+import os
+
+import mongomock
+import pymongo
+import pytest
+from bson import ObjectId
+
+import image_service_server as server
+from mongo_standins import WireMongo
+from support import LogWatcher, serving, upload
+
+
+@pytest.fixture
+def service_log():
+    watcher = LogWatcher()
+    server.log.addHandler(watcher)
+    previous = server.log.level
+    server.log.setLevel(logging.DEBUG)
+    yield watcher
+    server.log.setLevel(previous)
+    server.log.removeHandler(watcher)
+
+
+@pytest.fixture(params=["mongomock", "real MongoDB"])
+def database(request):
+    """An empty database: mongomock, and a real MongoDB if TEST_MONGO_URI says where."""
+    if request.param == "mongomock":
+        yield mongomock.MongoClient()["CatalogServiceDB"]
+        return
+    uri = os.environ.get("TEST_MONGO_URI")
+    if not uri:
+        pytest.skip("TEST_MONGO_URI is not set: set it to a MongoDB URI to run this test on a real server")
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    name = f"image_service_test_{ObjectId()}"
+    try:
+        yield client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
+@pytest.fixture
+def stub(database):
+    with serving(database) as (stub_, _, _):
+        yield stub_
+
+
+@pytest.fixture
+def wire():
+    stand_in = WireMongo()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture
+def tls_files(tmp_path, certificates):
+    """Good files, plus a garbage one, an empty one and a key of another certificate."""
+    import trustme
+
+    other = trustme.CA().issue_cert("127.0.0.1")
+    files = {"garbage": tmp_path / "garbage.pem", "empty": tmp_path / "empty.pem",
+             "other_key": tmp_path / "other.key"}
+    files["garbage"].write_text("not a certificate")
+    files["empty"].write_text("")
+    other.private_key_pem.write_to_path(files["other_key"])
+    return {**certificates, **{name: str(path) for name, path in files.items()}}
+
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as files."""
+    import trustme
+
+    folder = tmp_path_factory.mktemp("certificates")
+    ca = trustme.CA()
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server.key",
+             "client_cert": folder / "client.pem", "client_key": folder / "client.key"}
+    ca.cert_pem.write_to_path(files["ca"])
+    server_cert = ca.issue_cert("127.0.0.1", "localhost")
+    server_cert.private_key_pem.write_to_path(files["key"])
+    server_cert.cert_chain_pems[0].write_to_path(files["cert"])
+    client_cert = ca.issue_cert("catalog-service@example.internal")
+    client_cert.private_key_pem.write_to_path(files["client_key"])
+    client_cert.cert_chain_pems[0].write_to_path(files["client_cert"])
+    return {name: str(path) for name, path in files.items()}
+
+
+@pytest.fixture
+def root_logging():
+    """Puts the root logger back as it was after configure_logging."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_server():
+    db = mongomock.MongoClient().db
+    upload(db, "chair")
+    with serving(db) as (stub_, _, channel):
+        yield db, stub_, channel

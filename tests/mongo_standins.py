@@ -1,0 +1,267 @@
+"""MongoDB stand-ins at the wire level, for the real pymongo driver to talk to:
+a closed port, a socket that never answers, WireMongo (data in mongomock;
+commands counted, held, failed or dropped) and SyntheticMongo (a million
+images synthesised on demand, in a process of its own)."""
+
+import contextlib
+import gc
+import multiprocessing
+import socket
+import socketserver
+import struct
+import threading
+
+import bson
+import mongomock
+import pymongo
+from bson import Int64, ObjectId
+from mockupdb import MockupDB
+
+
+def closed_port():
+    """A loopback port nothing listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def silent_socket():
+    """A port that accepts connections and never answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+class WireMongo:
+    """A MongoDB server at the wire level whose data lives in ``self.db`` (mongomock).
+
+    The real pymongo driver talks to it over a socket. It answers hello, ping,
+    find, aggregate, insert and delete; counts the data commands; and can
+    fail any of them by number (an error reply, or the connection dropped
+    before or after the command took effect), run a hook before one, or stop
+    answering until ``recover()``.
+    """
+
+    HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "minWireVersion": 0,
+             "maxWireVersion": 21, "maxBsonObjectSize": 16 * 1024 * 1024,
+             "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000}
+
+    def __init__(self, port=None):
+        self.db = mongomock.MongoClient()["CatalogServiceDB"]
+        self.commands = []  # every data command received, as sent
+        self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
+        self.answering = threading.Event()
+        self.answering.set()
+        self.arrivals = threading.Semaphore(0)  # released as each data command arrives
+        self._lock = threading.Lock()
+        self._mockup = MockupDB(port=port)
+        self._mockup.autoresponds(self._handle)
+        self.port = self._mockup.run()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/?directConnection=true"
+
+    def client(self, timeout_ms=2000):
+        return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms)
+
+    def names(self):
+        return [next(iter(command)) for command in self.commands]
+
+    def hang(self):
+        self.answering.clear()
+
+    def recover(self):
+        self.answering.set()
+
+    def stop(self):
+        self.recover()
+        # mockupdb's accept loop looks at this flag once a second, or when a
+        # connection arrives: one wakes it, so that stopping is immediate.
+        self._mockup._stopped = True
+        with contextlib.suppress(OSError):
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        self._mockup.stop()
+
+    def _handle(self, request):
+        try:
+            return self._respond(request)
+        except OSError:  # The client gave up on this connection: nobody to answer.
+            return True
+
+    def _respond(self, request):
+        name = request.command_name
+        if name in ("ismaster", "isMaster", "hello"):
+            return request.ok(self.HELLO)
+        # mockupdb serves one request at a time under its lock: let go of it
+        # so that a held or slow command does not stall every connection.
+        with self._mockup._unlock():
+            if name in ("endSessions", "killCursors"):
+                return request.ok()
+            if name == "listIndexes":  # the index check, not a data command
+                return request.ok(cursor=self._indexes(request.doc[name]))
+            if name != "ping":
+                self.arrivals.release()
+            while not self.answering.wait(0.05):
+                if self._mockup._stopped:
+                    return request.hangup()
+            if name == "ping":
+                return request.ok()
+            with self._lock:
+                self.commands.append(request.doc)
+                fault = self.faults.pop(len(self.commands), None)
+            if callable(fault):
+                fault()
+            if fault == "error":
+                return request.command_err(code=2, errmsg="injected failure")
+            if fault == "drop-before":
+                return request.hangup()
+            reply = self._execute(name, request.doc)
+            return request.hangup() if fault == "drop-after" else request.ok(reply)
+
+    def _indexes(self, collection):
+        indexes = [{"v": 2, "key": dict(index["key"]), "name": name,
+                    **({"unique": True} if index.get("unique") else {})}
+                   for name, index in self.db[collection].index_information().items()]
+        return {"id": Int64(0), "ns": f"{self.db.name}.{collection}", "firstBatch": indexes}
+
+    def _execute(self, name, command):
+        collection = self.db[command[name]]
+        namespace = f"{self.db.name}.{command[name]}"
+        if name == "find":
+            documents = list(collection.find(command.get("filter", {}), command.get("projection")))
+        elif name == "aggregate":
+            documents = list(collection.aggregate(command["pipeline"]))
+        elif name == "createIndexes":
+            for index in command["indexes"]:
+                collection.create_index(list(index["key"].items()), unique=index.get("unique", False))
+            return {"numIndexesBefore": 1, "numIndexesAfter": 1 + len(command["indexes"])}
+        elif name == "insert":
+            return {"n": len(collection.insert_many(command["documents"]).inserted_ids)}
+        elif name == "delete":
+            removed = 0
+            for statement in command["deletes"]:
+                remove = collection.delete_many if statement["limit"] == 0 else collection.delete_one
+                removed += remove(statement["q"]).deleted_count
+            return {"n": removed}
+        else:
+            raise AssertionError(f"WireMongo does not know {name!r}")
+        return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": documents}}
+
+
+class SyntheticMongo(socketserver.ThreadingTCPServer):
+    """A MongoDB at the wire level, in a few lines of OP_MSG, holding one
+    model with ``images`` images synthesised on demand rather than stored
+    (each with one file and one chunk). It answers the handshake, find and
+    getMore on ``images`` and deletes by ``$in``, remembering what is gone,
+    and records each command's name, collection and size."""
+
+    daemon_threads = True
+
+    def __init__(self, model_id, images):
+        super().__init__(("127.0.0.1", 0), _OpMsgHandler)
+        self.model_id = model_id
+        self.metadata_ids = [ObjectId(b"\x01" + i.to_bytes(11, "big")) for i in range(images)]
+        self.file_ids = [ObjectId(b"\x02" + i.to_bytes(11, "big")) for i in range(images)]
+        self.present = {"images": set(self.metadata_ids), "fs.files": set(self.file_ids),
+                        "fs.chunks": set(self.file_ids)}
+        self.commands = []  # (name, collection, size of the command in bytes)
+        self._next = 0
+
+    def answer(self, command, size):
+        name = next(iter(command))
+        if name.lower() in ("ismaster", "hello"):
+            return {**WireMongo.HELLO, "ok": 1}
+        if name in ("ping", "endSessions"):
+            return {"ok": 1}
+        if name == "report":  # for the test: what is left, and what was asked
+            return {"present": {key: len(ids) for key, ids in self.present.items()},
+                    "commands": [list(command) for command in self.commands], "ok": 1}
+        self.commands.append((name, str(command[name]), size))
+        if name == "find":
+            self._next = 0
+            return {"cursor": self._batch(command["batchSize"], "firstBatch"), "ok": 1}
+        if name == "getMore":
+            return {"cursor": self._batch(command["batchSize"], "nextBatch"), "ok": 1}
+        if name == "delete":
+            ((_, condition),) = command["deletes"][0]["q"].items()
+            gone = self.present[command["delete"]] & set(condition["$in"])
+            self.present[command["delete"]] -= gone
+            return {"n": len(gone), "ok": 1}
+        raise AssertionError(f"SyntheticMongo does not know {name!r}")
+
+    def _batch(self, size, key):
+        numbers = range(self._next, min(self._next + size, len(self.metadata_ids)))
+        self._next = numbers.stop
+        # image_id as an ObjectId, as other writers store it: spelling a
+        # million ids out as hex would cost this stand-in most of the test.
+        documents = [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
+                     for i in numbers]
+        return {"id": Int64(1 if len(numbers) == size else 0), "ns": "CatalogServiceDB.images",
+                key: documents}
+
+
+def _serve_synthetic(model_id, images, ports):
+    stand_in = SyntheticMongo(model_id, images)
+    gc.freeze()  # Millions of ids that never die: the collector need not walk them.
+    ports.put(stand_in.server_address[1])
+    stand_in.serve_forever()
+
+
+@contextlib.contextmanager
+def synthetic_mongo(model_id, images):
+    """The URI of a SyntheticMongo running in a process of its own: a
+    million documents pass through it and the driver, which in one
+    interpreter would take turns on one lock."""
+    context = multiprocessing.get_context("spawn")
+    ports = context.Queue()
+    process = context.Process(target=_serve_synthetic, args=(model_id, images, ports), daemon=True)
+    process.start()
+    try:
+        yield f"mongodb://127.0.0.1:{ports.get(timeout=60)}/?directConnection=true"
+    finally:
+        process.kill()
+        process.join()
+
+
+class _OpMsgHandler(socketserver.BaseRequestHandler):
+    """One connection: OP_QUERY for the legacy handshake, OP_MSG for the rest
+    (a body section and, for inserts and deletes, one document sequence)."""
+
+    def handle(self):
+        while header := self._read(16):
+            length, request_id, _, opcode = struct.unpack("<iiii", header)
+            body = self._read(length - 16)
+            if opcode == 2004:  # OP_QUERY: flags, collection name, skip, limit, then the command
+                command = bson.decode(body[body.index(b"\0", 4) + 9:])
+                reply = bson.encode(self.server.answer(command, len(body)))
+                message = struct.pack("<iqii", 0, 0, 0, 1) + reply
+                opcode_out = 1
+            else:
+                command = self._op_msg_command(body)
+                message = b"\0\0\0\0\0" + bson.encode(self.server.answer(command, len(body)))
+                opcode_out = 2013
+            self.request.sendall(struct.pack("<iiii", 16 + len(message), 0, request_id, opcode_out) + message)
+
+    @staticmethod
+    def _op_msg_command(body):
+        command, offset = {}, 4
+        while offset < len(body):
+            kind, offset = body[offset], offset + 1
+            size = struct.unpack_from("<i", body, offset)[0]
+            if kind == 0:
+                command.update(bson.decode(body[offset:offset + size]))
+            else:
+                name_end = body.index(b"\0", offset + 4)
+                sequence = body[offset + 4:name_end].decode()
+                command[sequence] = bson.decode_all(body[name_end + 1:offset + size])
+            offset += size
+        return command
+
+    def _read(self, count):
+        data, received = bytearray(count), 0
+        while received < count:
+            got = self.request.recv_into(memoryview(data)[received:])
+            if not got:
+                return b""
+            received += got
+        return bytes(data)

@@ -1,0 +1,168 @@
+"""What the tests build with: data shaped as the upload service writes it, the
+service on an ephemeral port, the server as a child process, and small
+helpers to call it."""
+
+import contextlib
+import dataclasses
+import datetime
+import io
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+from bson import ObjectId
+
+import image_service_pb2 as pb2
+import image_service_pb2_grpc as pb2_grpc
+import image_service_server as server
+import image_service_settings as service_settings
+import image_service_store as store
+import image_service_sweep as orphan_sweep
+from mongo_standins import closed_port
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
+
+
+SERVER_SCRIPT = os.path.join(HERE, "image_service_server.py")
+
+
+IMAGE = bytes(range(256)) * 1200  # 300 KiB: two GridFS chunks
+
+
+def upload(db, model_id, data=IMAGE):
+    """One image stored the way the upload service stores it."""
+    return store.store_image(db, model_id, data)
+
+
+def images_of(db, model_id):
+    return list(db.images.find({"model_id": model_id}))
+
+
+def everything(db):
+    """The whole image store, comparable before and after."""
+    return {name: sorted(db[name].find(), key=lambda d: str(d["_id"]))
+            for name in ("images", "fs.files", "fs.chunks")}
+
+
+def model_data(db, model_id):
+    """A model's metadata, files and chunks, to show it was left untouched."""
+    metadata = images_of(db, model_id)
+    file_ids = [ObjectId(d["image_id"]) for d in metadata]
+    return (metadata, list(db["fs.files"].find({"_id": {"$in": file_ids}})),
+            list(db["fs.chunks"].find({"files_id": {"$in": file_ids}})))
+
+
+def assert_store_consistent(db):
+    """No orphan chunks, no unreferenced files, no dangling metadata."""
+    file_ids = {f["_id"] for f in db["fs.files"].find()}
+    referenced = {store.referenced_file_id(d.get("image_id")) for d in db.images.find()}
+    chunk_owners = {c["files_id"] for c in db["fs.chunks"].find()}
+    assert chunk_owners <= file_ids, "chunks without a file"
+    assert file_ids <= referenced, "files no images document references"
+    assert referenced <= file_ids, "images documents whose file is gone"
+
+
+TEST_CONFIG = service_settings.Config(
+    mongo_uri="mongodb://127.0.0.1:1/", grpc_host="127.0.0.1", grpc_port=0,
+    mongo_timeout_s=2.0, health_interval_s=0.1)
+
+
+@contextlib.contextmanager
+def serving(db, metrics=None, **settings_):
+    """The service on an ephemeral port, and a stub for it."""
+    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics)
+    # mongomock is not safe to use from two threads at once: let the first
+    # ping (and index check) pass before the test touches the database.
+    running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            yield pb2_grpc.ImageServiceStub(channel), running, channel
+    finally:
+        running.stop(0)
+
+
+class LogWatcher(logging.Handler):
+    """Collects the service's log records and lets a test wait for one: a
+    call's line is written as the call ends, which may be just after its
+    caller has the reply."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records = []
+        self._arrived = threading.Condition()
+
+    def emit(self, record):
+        with self._arrived:
+            self.records.append(record)
+            self._arrived.notify_all()
+
+    def wait_for(self, text, timeout=10):
+        with self._arrived:
+            assert self._arrived.wait_for(lambda: any(text in r.getMessage() for r in self.records),
+                                          timeout), text
+            return next(r for r in self.records if text in r.getMessage())
+
+
+def delete(stub_, model_id, **kwargs):
+    return stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id=model_id), timeout=10, **kwargs)
+
+
+@contextlib.contextmanager
+def serving_on(mongo_client, metrics=None, **settings_):
+    """The service on a real pymongo client, and a stub for it."""
+    with mongo_client, serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
+        yield served
+
+
+def run_server_process(env_overrides, *args, cwd=None, timeout=20):
+    env = {**os.environ, **env_overrides}
+    return subprocess.run([sys.executable, SERVER_SCRIPT, *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+class ServerProcess:
+    """``python3 image_service_server.py`` in a child process on a free port."""
+
+    def __init__(self, tmp_path, env_overrides=(), *args):
+        self.port = closed_port()
+        env = {**os.environ, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(self.port), **dict(env_overrides)}
+        self.stderr_path = tmp_path / f"server-{self.port}.log"
+        with open(self.stderr_path, "w") as stderr:
+            self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args], env=env, cwd=tmp_path,
+                                            stdout=subprocess.DEVNULL, stderr=stderr)
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address)
+        grpc.channel_ready_future(self.channel).result(timeout=20)
+        self.stub = pb2_grpc.ImageServiceStub(self.channel)
+
+    def log(self):
+        return self.stderr_path.read_text()
+
+    def stop(self, signum=signal.SIGTERM):
+        self.process.send_signal(signum)
+        code = self.process.wait(timeout=20)
+        self.channel.close()
+        return code
+
+
+def delete_batch(stub_, model_ids, timeout=10, **kwargs):
+    request = pb2.DeleteImagesRequest(model_ids=model_ids)
+    return stub_.DeleteImagesByModelIds(request, timeout=timeout, **kwargs).results
+
+
+QUERY_LOOK_ALIKES = ['{"$ne": null}', '{"$gt": ""}', "$ne", "$where", ".*", "^", "/.*/", "*", "", " "]
+
+
+def a_second_later():
+    return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
+
+
+def sweep(db, *flags, now=None):
+    args = server.parse_arguments(["--sweep-orphans", "--min-age-s", "0", *flags])
+    out = io.StringIO()
+    orphan_sweep.run_sweep(db, args, out=out, now=now or a_second_later())
+    return out.getvalue()

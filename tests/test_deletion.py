@@ -1,0 +1,622 @@
+"""The contract and the deletion: what a delete removes and leaves, in what
+order and how many commands, under failures, faults and arbitrary input;
+batches, dry runs and request ids."""
+
+import datetime
+import filecmp
+import logging
+import os
+import re
+import threading
+import time
+
+import grpc
+import mongomock
+import pymongo
+import pytest
+from bson import ObjectId
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import image_service_client as client_cli
+import image_service_pb2 as pb2
+import image_service_server as server
+import image_service_settings as service_settings
+from mongo_standins import closed_port, silent_socket, synthetic_mongo
+from support import (
+    HERE,
+    IMAGE,
+    QUERY_LOOK_ALIKES,
+    ServerProcess,
+    assert_store_consistent,
+    delete,
+    delete_batch,
+    everything,
+    images_of,
+    model_data,
+    serving,
+    serving_on,
+    upload,
+)
+
+
+def test_uploads_in_tests_are_shaped_like_the_upload_service():
+    db = mongomock.MongoClient().db
+    file_id = upload(db, "chair")
+    (metadata,) = images_of(db, "chair")
+    assert set(metadata) == {"_id", "name", "image_id", "model_id"}
+    assert metadata["image_id"] == str(file_id) and metadata["name"] == "chair.jpg"
+    stored = db["fs.files"].find_one({"_id": file_id})
+    assert stored["filename"] == "chair.jpg" and stored["length"] == len(IMAGE)
+    assert stored["chunkSize"] == 255 * 1024 and isinstance(stored["uploadDate"], datetime.datetime)
+    chunks = sorted(db["fs.chunks"].find({"files_id": file_id}), key=lambda c: c["n"])
+    assert [c["n"] for c in chunks] == [0, 1]
+    assert b"".join(c["data"] for c in chunks) == IMAGE
+
+
+def test_committed_stubs_match_the_proto(tmp_path):
+    from grpc_tools import protoc
+
+    status = protoc.main(["protoc", f"-I{HERE}", f"--python_out={tmp_path}", f"--pyi_out={tmp_path}",
+                          f"--grpc_python_out={tmp_path}", os.path.join(HERE, "image_service.proto")])
+    assert status == 0
+    for name in ("image_service_pb2.py", "image_service_pb2.pyi", "image_service_pb2_grpc.py"):
+        assert filecmp.cmp(tmp_path / name, os.path.join(HERE, name), shallow=False), (
+            f"{name} is stale: regenerate it with the command in the README")
+
+
+def test_the_original_contract_is_unchanged():
+    service = pb2.DESCRIPTOR.services_by_name["ImageService"]
+    assert pb2.DESCRIPTOR.package == "image_service"
+    method = service.methods_by_name["DeleteImageByModelId"]
+    assert (method.input_type.name, method.output_type.name) == ("DeleteImageRequest", "DeleteImageResponse")
+    request = pb2.DeleteImageRequest.DESCRIPTOR.fields_by_name["model_id"]
+    assert (request.number, request.type) == (1, request.TYPE_STRING)
+    reply = pb2.DeleteImageResponse.DESCRIPTOR.fields_by_name
+    assert (reply["success"].number, reply["success"].type) == (1, reply["success"].TYPE_BOOL)
+    assert (reply["message"].number, reply["message"].type) == (2, reply["message"].TYPE_STRING)
+
+
+def test_every_proto_element_is_commented():
+    with open(os.path.join(HERE, "image_service.proto")) as proto:
+        lines = [line.strip() for line in proto]
+    for number, line in enumerate(lines):
+        declares = line.startswith(("service ", "rpc ", "message ", "enum ", "OUTCOME_", "string ", "bool ",
+                                    "int32 ", "repeated ", "Outcome "))
+        if declares:
+            assert lines[number - 1].startswith("//"), f"no comment above: {line}"
+
+
+def test_deletes_every_image_of_a_model_with_its_files_and_chunks(database, stub):
+    for _ in range(3):
+        upload(database, "chair")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_DELETED)
+    assert (reply.deleted_images, reply.deleted_files, reply.model_id) == (3, 3, "chair")
+    assert reply.message == "deleted 3 images and 3 files"
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_leaves_every_other_model_untouched(database, stub):
+    upload(database, "chair")
+    for bystander in ("table", "chair2", "Chair"):
+        upload(database, bystander)
+    before = {m: model_data(database, m) for m in ("table", "chair2", "Chair")}
+
+    delete(stub, "chair")
+
+    assert {m: model_data(database, m) for m in before} == before
+    assert_store_consistent(database)
+
+
+def test_follows_image_ids_stored_as_objectids(database, stub):
+    file_id = upload(database, "chair")
+    database.images.update_one({"image_id": str(file_id)}, {"$set": {"image_id": file_id}})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.deleted_images, reply.deleted_files) == (1, 1)
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_hex_model_id_also_matches_model_ids_stored_as_objectids(database, stub):
+    model = ObjectId()
+    upload(database, str(model))
+    upload(database, str(model))
+    database.images.update_one({"model_id": str(model)}, {"$set": {"model_id": model}})
+
+    reply = delete(stub, str(model))
+
+    assert (reply.deleted_images, reply.deleted_files) == (2, 2)
+    assert everything(database)["images"] == []
+
+
+def test_an_upper_case_hex_id_does_not_match_the_objectid(database, stub):
+    model = ObjectId()
+    upload(database, str(model))
+    database.images.update_one({"model_id": str(model)}, {"$set": {"model_id": model}})
+
+    reply = delete(stub, str(model).upper())
+
+    assert reply.outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert database.images.count_documents({"model_id": model}) == 1
+
+
+@pytest.mark.parametrize("look_alike", [" chair", "chair ", "CHAIR", "chai", "chair\u200b", ".*", "^chair$",
+                                        '{"$ne": null}', "{'$gt': ''}", "$where"])
+def test_matches_the_model_id_exactly(database, stub, look_alike):
+    upload(database, "chair")
+    before = everything(database)
+
+    reply = delete(stub, look_alike)
+
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert everything(database) == before
+
+
+def test_metadata_pointing_at_a_file_already_gone_is_removed_and_reported(database, stub):
+    gone = upload(database, "chair")
+    upload(database, "chair")
+    database["fs.files"].delete_one({"_id": gone})
+    database["fs.chunks"].delete_many({"files_id": gone})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 1)
+    assert "1 reference to a file already gone" in reply.message
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+@pytest.mark.parametrize("image_id", ["not-an-id", "", None, 42])
+def test_metadata_with_an_invalid_image_id_is_removed_and_reported(database, stub, image_id):
+    database.images.insert_one({"name": "chair.jpg", "image_id": image_id, "model_id": "chair"})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "1 reference had no valid file id" in reply.message
+    assert images_of(database, "chair") == []
+
+
+def test_a_model_without_images_succeeds_with_nothing_to_delete(database, stub):
+    upload(database, "table")
+    reply = delete(stub, "chair")
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_NOTHING_TO_DELETE, 0)
+    assert reply.model_id == "chair" and "nothing to delete" in reply.message
+
+
+def test_repeating_a_delete_is_safe(database, stub):
+    upload(database, "chair")
+    upload(database, "table")
+    first, second = delete(stub, "chair"), delete(stub, "chair")
+    assert (first.outcome, second.outcome) == (pb2.OUTCOME_DELETED, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert second.success and len(images_of(database, "table")) == 1
+
+
+REJECTED = {
+    "empty": ("", "model_id is empty"),
+    "too long": ("m" * 257, "model_id is longer than 256 characters"),
+    "NUL": ("chair\x00", "model_id contains control characters"),
+    "newline": ("chair\n", "model_id contains control characters"),
+    "tab": ("\tchair", "model_id contains control characters"),
+    "DEL": ("chair\x7f", "model_id contains control characters"),
+    "C1 control": ("chair\x85", "model_id contains control characters"),
+}
+
+
+@pytest.mark.parametrize("model_id, reason", REJECTED.values(), ids=REJECTED.keys())
+def test_rejects_bad_model_ids_and_touches_nothing(database, stub, model_id, reason):
+    upload(database, "chair")
+    upload(database, model_id.replace("\x00", ""))
+    before = everything(database)
+
+    reply = delete(stub, model_id)
+
+    assert (reply.success, reply.outcome, reply.message) == (False, pb2.OUTCOME_INVALID_ARGUMENT, reason)
+    assert everything(database) == before
+
+
+def test_accepts_a_model_id_of_exactly_256_characters(database, stub):
+    upload(database, "m" * 256)
+    assert delete(stub, "m" * 256).deleted_images == 1
+
+
+def test_a_body_that_does_not_parse_is_invalid_argument_with_one_warning_and_no_traceback(
+        database, caplog, service_log):
+    upload(database, "chair")
+    invalid_utf8 = pb2.DeleteImageRequest(model_id="chair").SerializeToString().replace(b"chair", b"ch\xffir")
+    truncated = pb2.DeleteImageRequest(model_id="chair").SerializeToString()[:-2]
+    with serving(database) as (_, _, channel):
+        raw_call = channel.unary_unary("/image_service.ImageService/DeleteImageByModelId")
+        for body in (invalid_utf8, truncated):
+            with pytest.raises(grpc.RpcError) as refused:
+                raw_call(body, timeout=5)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "not a valid message" in refused.value.details()
+            record = service_log.wait_for("status=INVALID_ARGUMENT")
+            assert record.levelname == "WARNING" and record.exc_info is None
+            assert [r for r in service_log.records if "DeleteImageByModelId" in r.getMessage()] == [record]
+            assert "Traceback" not in caplog.text
+            service_log.records.clear()
+    assert len(images_of(database, "chair")) == 1
+
+
+def test_a_model_id_of_megabytes_is_invalid_and_echoed_cut(database, stub):
+    upload(database, "chair")
+    huge = "m" * 3_000_000
+    reply = delete(stub, huge)
+    assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_INVALID_ARGUMENT)
+    assert reply.model_id == "m" * 256 + "...[cut from 3000000 characters]"
+    assert reply.ByteSize() < 1024
+    assert len(images_of(database, "chair")) == 1
+
+
+def test_a_batch_of_1000_maximal_invalid_ids_gets_a_reply_a_client_can_receive(database, stub):
+    # As long as the ids can be while the request stays under gRPC's 4 MB receive limit.
+    model_ids = [f"{i:04d}" + "x" * 4146 for i in range(1000)]
+    assert pb2.DeleteImagesRequest(model_ids=model_ids).ByteSize() < 4 * 1024 * 1024
+    results = delete_batch(stub, model_ids)  # would be RESOURCE_EXHAUSTED past the client's 4 MB
+    assert {result.outcome for result in results} == {pb2.OUTCOME_INVALID_ARGUMENT}
+    assert [result.model_id[:4] for result in results] == [model_id[:4] for model_id in model_ids]
+    assert pb2.DeleteImagesResponse(results=results).ByteSize() < 512 * 1024
+
+
+def test_one_line_is_logged_per_call(database, stub, caplog):
+    upload(database, "chair")
+    with caplog.at_level(logging.INFO, logger="image_service"):
+        delete(stub, "chair")
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("DeleteImageByModelId")]
+    assert "model_id='chair' outcome=OUTCOME_DELETED deleted_images=1 deleted_files=1 ms=" in line
+
+
+def test_a_delete_costs_four_commands_whatever_the_number_of_images(wire):
+    for _ in range(25):
+        upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert reply.deleted_images == 25
+    assert wire.names() == ["find", "delete", "delete", "delete"]
+
+
+def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
+    upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, _, _):
+        delete(stub_, "chair")
+    find, files, chunks, metadata = wire.commands
+    assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
+    assert set(metadata["deletes"][0]["q"]) == {"_id"}
+
+
+def test_a_model_with_a_million_images_is_deleted_completely_with_exact_counts():
+    with (synthetic_mongo("huge", 1_000_000) as uri,
+          pymongo.MongoClient(uri, serverSelectionTimeoutMS=60_000) as client):
+        (reply,) = server.delete_and_describe(client["CatalogServiceDB"], ["huge"], time.monotonic() + 120)
+        report = client.admin.command("report")
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1_000_000, 1_000_000)
+    assert report["present"] == {"images": 0, "fs.files": 0, "fs.chunks": 0}
+    # 4 commands per 100,000 images (and a last, empty getMore), files before chunks before metadata:
+    assert [(name, collection) for name, collection, _ in report["commands"]] == (
+        [("find", "images")] + [("getMore", "1")] * 10 + [("delete", "fs.files")] * 10
+        + [("delete", "fs.chunks")] * 10 + [("delete", "images")] * 10)
+    assert max(size for _, _, size in report["commands"]) < 2 * 1024 * 1024  # MongoDB's limit: 16 MB
+
+
+def test_a_model_without_images_costs_one_read(wire):
+    with serving_on(wire.client()) as (stub_, _, _):
+        delete(stub_, "chair")
+    assert wire.names() == ["find"]
+
+
+def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
+    upload(wire.db, "chair")
+    late = {}
+    wire.faults[2] = lambda: late.setdefault("file_id", upload(wire.db, "chair"))
+    with serving_on(wire.client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert reply.deleted_images == 1
+    (survivor,) = images_of(wire.db, "chair")
+    assert survivor["image_id"] == str(late["file_id"])
+    assert wire.db["fs.chunks"].count_documents({"files_id": late["file_id"]}) == 2
+    assert_store_consistent(wire.db)
+
+
+def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
+    for _ in range(5):
+        upload(wire.db, "chair")
+    second = []
+    with wire.client() as client:
+        db = client["CatalogServiceDB"]
+        # Between the first delete's read and its first delete, a second
+        # delete of the same model runs from start to end.
+        wire.faults[2] = lambda: second.extend(server.delete_and_describe(db, ["chair"],
+                                                                          time.monotonic() + 10))
+        (first,) = server.delete_and_describe(db, ["chair"], time.monotonic() + 10)
+    (second,) = second
+    assert first.deleted_images + second.deleted_images == 5
+    assert first.deleted_files + second.deleted_files == 5
+    assert (first.success, first.outcome) == (True, pb2.OUTCOME_NOTHING_TO_DELETE)
+    assert "a concurrent delete removed its 5 images first" in first.message
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
+    config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789",
+                                 "MONGO_HOST": "127.0.0.1",
+                                 "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
+    with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
+        started = time.monotonic()
+        reply = delete(stub_, "chair")
+        elapsed = time.monotonic() - started
+    assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
+    assert reply.message == "database unavailable or too slow; retry later"
+    assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
+    assert "s3cret" not in caplog.text
+
+
+def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):
+    upload(wire.db, "chair")
+    wire.faults[1] = "error"
+    with serving_on(wire.client()) as (stub_, _, _):
+        failed, retried = delete(stub_, "chair"), delete(stub_, "chair")
+    assert (failed.success, failed.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert "injected" not in failed.message
+    assert (retried.success, retried.deleted_images) == (True, 1)
+
+
+def test_a_database_that_never_answers_fails_within_mongo_timeout():
+    with silent_socket() as port:
+        config = service_settings.Config(mongo_uri=f"mongodb://127.0.0.1:{port}/", mongo_timeout_s=0.5)
+        with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.5) as (stub_, _, _):
+            started = time.monotonic()
+            reply = delete(stub_, "chair")
+            elapsed = time.monotonic() - started
+    assert reply.outcome == pb2.OUTCOME_UNAVAILABLE
+    assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
+
+
+def test_the_callers_request_id_is_returned_and_logged(database, stub, service_log):
+    reply, call = stub.DeleteImageByModelId.with_call(
+        pb2.DeleteImageRequest(model_id="chair"), timeout=10, metadata=[("x-request-id", "catalog-42")])
+    assert dict(call.trailing_metadata())["x-request-id"] == "catalog-42"
+    record = service_log.wait_for("request_id=catalog-42")
+    assert record.getMessage().startswith("DeleteImageByModelId status=OK request_id=catalog-42 peer=")
+
+
+def test_without_a_request_id_one_is_made_up_and_a_hostile_one_is_cleaned_and_bounded(database, stub):
+    _, plain = stub.DeleteImageByModelId.with_call(pb2.DeleteImageRequest(model_id="chair"), timeout=10)
+    _, hostile = stub.DeleteImageByModelId.with_call(
+        pb2.DeleteImageRequest(model_id="chair"), timeout=10,
+        metadata=[("x-request-id", "evil id=1 peer=x;" + "a" * 500)])
+    assert re.fullmatch(r"[0-9a-f]{32}", dict(plain.trailing_metadata())["x-request-id"])
+    assert dict(hostile.trailing_metadata())["x-request-id"] == ("evilid1peerx" + "a" * 500)[:64]
+
+
+def test_the_client_sends_and_prints_a_request_id(database, capsys):
+    with serving(database) as (_, running, _):
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--request-id", "ops-7"])
+    assert code == 0
+    assert "request_id=ops-7" in capsys.readouterr().err
+
+
+def test_a_dry_run_says_what_would_be_deleted_and_changes_nothing(database, stub):
+    upload(database, "chair")
+    upload(database, "chair", data=b"jpeg")
+    before = everything(database)
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                      timeout=10)
+    assert everything(database) == before
+    assert (reply.success, reply.outcome) == (True, pb2.OUTCOME_DELETED)
+    assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (2, 2, len(IMAGE) + 4)
+    assert reply.message.startswith("would delete 2 images and 2 files")
+
+
+def test_a_dry_run_batch_answers_per_model_and_changes_nothing(database, stub):
+    upload(database, "chair")
+    gone = upload(database, "table")
+    database["fs.files"].delete_one({"_id": gone})
+    before = everything(database)
+    request = pb2.DeleteImagesRequest(model_ids=["chair", "table", "sofa"], validate_only=True)
+    chair, table, sofa = stub.DeleteImagesByModelIds(request, timeout=10).results
+    assert everything(database) == before
+    assert [(r.deleted_images, r.deleted_files, r.file_bytes) for r in (chair, table, sofa)] == [
+        (1, 1, len(IMAGE)), (1, 0, 0), (0, 0, 0)]
+    assert sofa.outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert all(r.message.startswith("would delete") for r in (chair, table, sofa))
+
+
+def test_a_dry_run_sends_no_write_command(wire):
+    for model_id in ("chair", "table"):
+        upload(wire.db, model_id)
+    with serving_on(wire.client()) as (stub_, _, _):
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+        stub_.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["chair", "table"],
+                                                             validate_only=True),
+                                     timeout=10)
+    assert wire.names() == ["find", "find", "find", "find"]
+
+
+def test_the_client_can_ask_for_a_dry_run(database, capsys):
+    upload(database, "chair")
+    with serving(database) as (_, running, _):
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{running.port}", "--dry-run"])
+    assert code == 0 and len(images_of(database, "chair")) == 1
+    assert "would delete 1 image and 1 file" in capsys.readouterr().out
+
+
+def test_a_batch_answers_one_result_per_id_in_request_order(database, stub):
+    upload(database, "chair")
+    upload(database, "table")
+    upload(database, "table")
+    upload(database, "lamp")
+
+    results = delete_batch(stub, ["table", "sofa", "chair"])
+
+    assert [r.model_id for r in results] == ["table", "sofa", "chair"]
+    assert [(r.success, r.outcome, r.deleted_images, r.deleted_files) for r in results] == [
+        (True, pb2.OUTCOME_DELETED, 2, 2), (True, pb2.OUTCOME_NOTHING_TO_DELETE, 0, 0),
+        (True, pb2.OUTCOME_DELETED, 1, 1)]
+    assert [d["model_id"] for d in database.images.find()] == ["lamp"]
+    assert_store_consistent(database)
+
+
+def test_an_invalid_id_in_a_batch_fails_alone(database, stub):
+    upload(database, "chair")
+    results = delete_batch(stub, ["", "chair", "x" * 300])
+    assert [r.outcome for r in results] == [
+        pb2.OUTCOME_INVALID_ARGUMENT, pb2.OUTCOME_DELETED, pb2.OUTCOME_INVALID_ARGUMENT]
+    assert (results[0].message, results[2].message) == ("model_id is empty",
+                                                        "model_id is longer than 256 characters")
+    assert images_of(database, "chair") == []
+
+
+def test_duplicate_ids_in_a_batch_each_get_the_same_result(database, stub):
+    upload(database, "chair")
+    upload(database, "chair")
+    first, second = delete_batch(stub, ["chair", "chair"])
+    assert first == second
+    assert (first.deleted_images, first.deleted_files) == (2, 2)
+
+
+def test_an_empty_batch_answers_no_results(database, stub):
+    assert list(delete_batch(stub, [])) == []
+
+
+def test_a_batch_of_1000_is_accepted_and_1001_is_invalid_argument(database, stub):
+    upload(database, "model-999")
+    results = delete_batch(stub, [f"model-{i}" for i in range(1000)])
+    with pytest.raises(grpc.RpcError) as refused:
+        delete_batch(stub, [f"model-{i}" for i in range(1001)])
+    assert len(results) == 1000 and results[999].deleted_images == 1
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.value.details() == "at most 1000 model ids per call, got 1001"
+
+
+def test_a_batch_shares_out_what_was_removed_when_files_were_already_gone(database, stub):
+    gone = upload(database, "chair")
+    upload(database, "table")
+    database["fs.files"].delete_one({"_id": gone})
+    chair, table = delete_batch(stub, ["chair", "table"])
+    assert (chair.deleted_images, table.deleted_images) == (1, 1)
+    assert chair.deleted_files + table.deleted_files == 1  # what the database removed, shared out
+    assert all("counts shared out within the batch" in result.message for result in (chair, table))
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+@pytest.mark.parametrize("models", [40, 1000])
+def test_a_batch_costs_four_commands_whatever_its_size(wire, models):
+    for i in range(models):
+        upload(wire.db, f"model-{i}", data=b"jpeg")
+        upload(wire.db, f"model-{i}", data=b"jpeg")
+    with serving_on(wire.client(), mongo_timeout_s=60) as (stub_, _, _):
+        results = delete_batch(stub_, [f"model-{i}" for i in range(models)], timeout=60)
+    assert {(r.deleted_images, r.deleted_files) for r in results} == {(2, 2)}
+    assert wire.names() == ["find", "delete", "delete", "delete"]
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_the_client_sends_several_ids_as_one_batch(wire, capsys):
+    upload(wire.db, "chair")
+    upload(wire.db, "table")
+    with serving_on(wire.client()) as (_, running, _):
+        code = client_cli.main(["chair", "table", "sofa", "--address", f"127.0.0.1:{running.port}"])
+    assert code == 0 and len(capsys.readouterr().out.splitlines()) == 3
+    assert wire.names() == ["find", "delete", "delete", "delete"]
+
+
+def leftovers(db, model_id):
+    """Anything of the model's still stored: metadata, or files by name."""
+    return images_of(db, model_id) + list(db["fs.files"].find({"filename": f"{model_id}.jpg"}))
+
+
+@pytest.mark.parametrize("fault", ["error", "drop-before", "drop-after"])
+@pytest.mark.parametrize("command", [1, 2, 3, 4], ids=["find", "delete-files", "delete-chunks",
+                                                       "delete-metadata"])
+def test_a_failure_at_any_command_leaves_a_state_the_next_call_completes(wire, command, fault):
+    for _ in range(3):
+        upload(wire.db, "chair")
+    upload(wire.db, "table")
+    bystander = model_data(wire.db, "table")
+    wire.faults[command] = fault
+
+    with serving_on(wire.client()) as (stub_, _, _):
+        first = delete(stub_, "chair")
+        assert command not in wire.faults, "the fault was not reached"
+        if first.success:
+            assert leftovers(wire.db, "chair") == []
+        else:
+            assert first.outcome in (pb2.OUTCOME_UNAVAILABLE, pb2.OUTCOME_INTERNAL)
+        second = delete(stub_, "chair")
+
+    assert second.success
+    assert leftovers(wire.db, "chair") == []
+    assert_store_consistent(wire.db)
+    assert model_data(wire.db, "table") == bystander
+
+
+def test_a_server_killed_mid_delete_leaves_a_state_the_restarted_server_completes(tmp_path, wire):
+    for _ in range(3):
+        upload(wire.db, "chair")
+    upload(wire.db, "table")
+    bystander = model_data(wire.db, "table")
+    reached, killed = threading.Event(), threading.Event()
+    wire.faults[3] = lambda: (reached.set(), killed.wait(20))  # hold the chunks delete
+    first = ServerProcess(tmp_path, {"MONGO_URI": wire.uri})
+    in_flight = first.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
+    assert reached.wait(10)
+
+    first.process.kill()
+    first.process.wait(timeout=10)
+    killed.set()  # the database had the command: it completes without its caller
+    with pytest.raises(grpc.RpcError):
+        in_flight.result()
+    second = ServerProcess(tmp_path, {"MONGO_URI": wire.uri})
+    reply = second.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=10)
+    assert second.stop() == 0
+
+    assert (reply.success, reply.deleted_images) == (True, 3)
+    assert "3 references to a file already gone" in reply.message
+    assert leftovers(wire.db, "chair") == []
+    assert_store_consistent(wire.db)
+    assert model_data(wire.db, "table") == bystander
+
+
+def look_alikes(model_id):
+    """Ids that a sloppy match would confuse with ``model_id``."""
+    return {model_id, model_id.strip(), f" {model_id}", f"{model_id} ", f"{model_id}\t", model_id.upper(),
+            model_id.lower(), model_id.casefold(), f"^{model_id}$", f"{model_id}.*", f"{model_id}\u00a0",
+            *QUERY_LOOK_ALIKES}
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(model_id=st.one_of(st.text(max_size=40), st.sampled_from(QUERY_LOOK_ALIKES),
+                          st.builds(lambda oid: str(oid), st.builds(ObjectId))))
+def test_only_exact_matches_are_ever_deleted(model_id):
+    db = mongomock.MongoClient().db
+    stored = look_alikes(model_id)
+    for candidate in stored:
+        upload(db, candidate, data=b"jpeg")
+
+    (reply,) = server.delete_and_describe(db, [model_id], deadline=time.monotonic() + 5)
+
+    remaining = sorted(d["model_id"] for d in db.images.find())
+    if reply.outcome == pb2.OUTCOME_INVALID_ARGUMENT:
+        assert remaining == sorted(stored)
+    else:
+        assert reply.deleted_images == 1
+        assert remaining == sorted(stored - {model_id})
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(method=st.sampled_from(["DeleteImageByModelId", "DeleteImagesByModelIds"]),
+       body=st.binary(max_size=300))
+def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method, body):
+    db, stub_, channel = fuzzed_server
+    raw_call = channel.unary_unary(f"/image_service.ImageService/{method}")
+    try:
+        raw_call(body, timeout=5)
+    except grpc.RpcError as error:  # A body that is no request is refused as such.
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert delete(stub_, "no-such-model").outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert len(images_of(db, "chair")) == 1

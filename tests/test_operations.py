@@ -1,0 +1,271 @@
+"""Operating it: metrics, the index check and --create-indexes, the systemd
+unit, and the orphan sweep."""
+
+import os
+import re
+import shutil
+import subprocess
+import time
+import urllib.request
+
+import mongomock
+import pymongo
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import image_service_observability as observability
+import image_service_pb2 as pb2
+import image_service_server as server
+import image_service_settings as service_settings
+import image_service_store as store
+import image_service_sweep as orphan_sweep
+from mongo_standins import closed_port
+from support import (
+    HERE,
+    a_second_later,
+    assert_store_consistent,
+    delete,
+    everything,
+    images_of,
+    model_data,
+    run_server_process,
+    serving,
+    serving_on,
+    sweep,
+    upload,
+)
+
+
+def scrape(port):
+    """The /metrics page, as text and as {(name, labels): value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+        text = page.read().decode()
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    return text, samples
+
+
+def test_metrics_count_exactly_what_deletes_removed_and_name_no_model(database):
+    upload(database, "secret-chair-model")
+    upload(database, "secret-chair-model")
+    with serving(database, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, channel):
+        delete(stub_, "secret-chair-model")
+        delete(stub_, "secret-chair-model")
+        delete(stub_, "")
+        health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        text, samples = scrape(running.running.metrics_port)
+    method = "image_service.ImageService/DeleteImageByModelId"
+    assert samples["image_service_images_deleted_total", ()] == 2
+    assert samples["image_service_files_deleted_total", ()] == 2
+    for outcome in ("OUTCOME_DELETED", "OUTCOME_NOTHING_TO_DELETE", "OUTCOME_INVALID_ARGUMENT"):
+        assert samples["image_service_deletions_total", (("outcome", outcome),)] == 1
+    assert samples["grpc_server_call_duration_seconds_count", (("grpc_method", method), ("grpc_status",
+                                                                                         "OK"))] == 3
+    assert samples["grpc_server_call_duration_seconds_count",
+                   (("grpc_method", "grpc.health.v1.Health/Check"), ("grpc_status", "OK"))] == 1
+    assert samples["image_service_mongodb_up", ()] == 1
+    assert samples["image_service_calls_in_flight", ()] == 0
+    assert "secret-chair" not in text and "127.0.0.1" not in text
+
+
+def test_a_dry_run_moves_no_deletion_counter(database):
+    upload(database, "chair")
+    with serving(database, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+        _, samples = scrape(running.running.metrics_port)
+    assert samples["image_service_images_deleted_total", ()] == 0
+    assert not any(name == "image_service_deletions_total" for name, _ in samples)
+
+
+def test_mongodb_commands_are_timed_from_the_drivers_own_monitoring(wire):
+    upload(wire.db, "chair")
+    metrics = observability.Metrics()
+    timer = observability.CommandTimer(metrics.mongodb_command_duration)
+    client = pymongo.MongoClient(wire.uri, event_listeners=[timer])
+    with serving_on(client, metrics=metrics, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
+        delete(stub_, "chair")
+        _, samples = scrape(running.running.metrics_port)
+    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "find"),)] == 1
+    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "delete"),)] == 3
+
+
+def test_missing_indexes_are_warned_about_once_mongodb_answers(database, service_log):
+    with serving(database):
+        warnings = [r.getMessage() for r in service_log.records if r.getMessage().startswith("index missing")]
+    assert len(warnings) == 2
+    assert warnings[0].startswith("index missing on images {model_id: 1}: every delete scans")
+    assert warnings[1].startswith("index missing on fs.chunks {files_id: 1, n: 1}")
+    assert all("--create-indexes" in warning for warning in warnings)
+
+
+def test_create_indexes_creates_both_and_can_be_run_again(tmp_path, wire):
+    for _ in range(2):
+        done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+    assert store.missing_indexes(wire.db) == []
+    assert wire.db["fs.chunks"].index_information()["files_id_1_n_1"]["unique"]
+
+
+def test_create_indexes_without_mongodb_says_so_in_one_line_and_exits_1(tmp_path):
+    done = run_server_process({"MONGO_URI": f"mongodb://127.0.0.1:{closed_port()}/",
+                               "MONGO_TIMEOUT_MS": "300"},
+                              "--create-indexes", cwd=tmp_path)
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("cannot create the indexes: ServerSelectionTimeoutError")
+
+
+UNIT = os.path.join(HERE, "deploy", "image-service.service")
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze is not installed: install systemd to check the unit's sandbox")
+def test_the_systemd_unit_is_sandboxed_and_verifies():
+    security = subprocess.run(["systemd-analyze", "security", "--offline=true", UNIT],
+                              capture_output=True, text=True, timeout=60)
+    score = re.search(r"Overall exposure level for image-service.service: ([0-9.]+)", security.stdout)
+    assert score and float(score.group(1)) <= 2.0, security.stdout[-500:]
+    verify = subprocess.run(["systemd-analyze", "verify", UNIT], capture_output=True, text=True, timeout=60)
+    assert (verify.stdout + verify.stderr).strip().splitlines() == [
+        "image-service.service: Command /opt/image-service/.venv/bin/python3 is not executable:"
+        " No such file or directory"]
+
+
+def test_the_systemd_unit_waits_longer_than_the_drain():
+    with open(UNIT) as unit:
+        settings_ = dict(line.strip().split("=", 1) for line in unit if re.match(r"^[A-Za-z]+=", line))
+    default = service_settings.load_config({})
+    assert float(settings_["TimeoutStopSec"]) >= default.shutdown_delay_s + default.shutdown_grace_s + 5
+    assert settings_["EnvironmentFile"] == "/etc/image-service/env" and settings_["Restart"] == "on-failure"
+
+
+def old_service_leftovers(db):
+    """A store as the old service left it, beside healthy models.
+
+    The old service removed a model's first image only, and did so in steps
+    that could stop half-way: a file document removed with its chunks left
+    behind and its metadata still pointing at it; metadata removed with its
+    file left behind.
+    """
+    upload(db, "chair")
+    upload(db, "chair")
+    half_deleted = upload(db, "table")
+    upload(db, "table")
+    db["fs.files"].delete_one({"_id": half_deleted})
+    unreferenced = upload(db, "lamp")
+    db.images.delete_one({"image_id": str(unreferenced)})
+    (dangling,) = db.images.find({"image_id": str(half_deleted)})
+    invalid = db.images.insert_one({"name": "sofa.jpg", "image_id": "not-an-id",
+                                    "model_id": "sofa"}).inserted_id
+    return {"chunks": [half_deleted], "files": [unreferenced], "metadata": {dangling["_id"], invalid}}
+
+
+def test_the_orphan_report_finds_each_kind_of_leftover():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report.chunk_file_ids == expected["chunks"]
+    assert report.unreferenced_file_ids == expected["files"]
+    assert set(report.dangling_metadata_ids) == expected["metadata"]
+
+
+def test_files_and_chunks_younger_than_the_minimum_age_are_not_reported():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    report = orphan_sweep.find_orphans(db, min_age_s=3600)
+    assert (report.chunk_file_ids, report.unreferenced_file_ids) == ([], [])
+
+
+def test_the_sweep_changes_nothing_without_apply():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    before = everything(db)
+    output = sweep(db)
+    assert everything(db) == before
+    assert "1  chunks without a file" in output and "report only: nothing changed" in output
+
+
+def test_apply_removes_orphan_chunks_and_dangling_metadata_but_keeps_files():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    healthy = model_data(db, "chair")
+    output = sweep(db, "--apply")
+    assert db["fs.chunks"].count_documents({"files_id": expected["chunks"][0]}) == 0
+    assert db.images.count_documents({"_id": {"$in": list(expected["metadata"])}}) == 0
+    assert db["fs.files"].count_documents({"_id": expected["files"][0]}) == 1
+    assert model_data(db, "chair") == healthy and len(images_of(db, "table")) == 1
+    assert "removed 2 chunks, 2 images documents, 0 files" in output
+
+
+def test_apply_files_removes_unreferenced_files_too_and_leaves_a_consistent_store():
+    db = mongomock.MongoClient().db
+    old_service_leftovers(db)
+    healthy = model_data(db, "chair")
+    sweep(db, "--apply", "--apply-files")
+    assert_store_consistent(db)
+    assert model_data(db, "chair") == healthy and len(images_of(db, "table")) == 1
+
+
+def test_apply_files_keeps_a_file_referenced_since_the_scan():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    db.images.insert_one({"name": "lamp.jpg", "image_id": expected["files"][0], "model_id": "lamp"})
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed["files"] == 0
+    assert db["fs.files"].count_documents({"_id": expected["files"][0]}) == 1
+
+
+def test_the_sweep_reads_image_ids_as_the_delete_does():
+    db = mongomock.MongoClient().db
+    padded, upper = upload(db, "chair"), upload(db, "table")
+    db.images.update_one({"model_id": "chair"}, {"$set": {"image_id": f" {padded} "}})
+    db.images.update_one({"model_id": "table"}, {"$set": {"image_id": str(upper).upper()}})
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report == orphan_sweep.OrphanReport([], [], [])
+    (reply,) = server.delete_and_describe(db, ["chair"], deadline=time.monotonic() + 5)
+    assert (reply.deleted_images, reply.deleted_files) == (1, 1)
+
+
+def test_apply_files_keeps_a_file_referenced_since_the_scan_in_an_odd_spelling():
+    db = mongomock.MongoClient().db
+    expected = old_service_leftovers(db)
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    (file_id,) = expected["files"]
+    db.images.insert_one({"name": "lamp.jpg", "image_id": f" {str(file_id).upper()}", "model_id": "lamp"})
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed["files"] == 0
+    assert db["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+def test_the_sweep_deletes_in_batches_of_the_given_size(wire):
+    for number in range(5):
+        gone = upload(wire.db, f"model-{number}")
+        wire.db["fs.files"].delete_one({"_id": gone})
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--batch-size", "2")
+    deletes = [c for c in wire.commands if "delete" in c]  # 5 orphan chunk sets, 5 dangling metadata
+    sizes = [len(next(iter(c["deletes"][0]["q"].values()))["$in"]) for c in deletes]
+    assert sizes == [2, 2, 1, 2, 2, 1]
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_the_sweep_runs_from_the_command_line(tmp_path, wire):
+    expected = old_service_leftovers(wire.db)
+    done = run_server_process({"MONGO_URI": wire.uri}, "--sweep-orphans", "--min-age-s", "0", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    chunks, files, metadata, verdict = done.stdout.splitlines()
+    assert chunks == f"       1  chunks without a file (by files_id): {expected['chunks'][0]}"
+    assert files == f"       1  files no images document references: {expected['files'][0]}"
+    assert metadata.startswith("       2  images documents whose file is gone: ")
+    assert verdict.startswith("report only: nothing changed")
+
+
+def test_a_sweep_that_cannot_reach_mongodb_says_so_and_exits_1(tmp_path):
+    env = {"MONGO_URI": f"mongodb://127.0.0.1:{closed_port()}/", "MONGO_TIMEOUT_MS": "300"}
+    done = run_server_process(env, "--sweep-orphans", "--apply", cwd=tmp_path)
+    assert done.returncode == 1
+    assert "sweep failed, nothing more was changed: ServerSelectionTimeoutError" in done.stderr
+    assert "Traceback" not in done.stderr

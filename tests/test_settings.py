@@ -1,0 +1,198 @@
+"""Settings: how the environment and .env become a Config, and how a bad
+setting stops start-up with one line naming it."""
+
+import os
+import socket
+
+import pymongo
+import pytest
+
+import image_service_settings as service_settings
+from support import HERE, run_server_process
+
+
+def test_credentials_are_percent_escaped_in_the_uri():
+    uri = service_settings.build_mongo_uri({"MONGO_USER": "app@team",
+                                            "MONGO_PASSWORD": "p@ss:w/rd%?#-0123456789",
+                                  "MONGO_HOST": "db.internal", "MONGO_PORT": "27018"})
+    assert uri == "mongodb://app%40team:p%40ss%3Aw%2Frd%25%3F%23-0123456789@db.internal:27018/?authSource=admin"
+    parsed = pymongo.uri_parser.parse_uri(uri)
+    assert (parsed["username"], parsed["password"]) == ("app@team", "p@ss:w/rd%?#-0123456789")
+
+
+def test_without_a_user_the_uri_carries_no_credentials():
+    assert service_settings.build_mongo_uri({}) == "mongodb://localhost:27017/"
+
+
+def test_a_password_without_a_user_is_refused():
+    with pytest.raises(service_settings.ConfigError, match="MONGO_PASSWORD is set but MONGO_USER is not"):
+        service_settings.build_mongo_uri({"MONGO_PASSWORD": "x"})
+
+
+def test_mongo_uri_overrides_the_parts():
+    env = {"MONGO_URI": "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/", "MONGO_HOST": "ignored"}
+    assert service_settings.load_config(env).mongo_uri == "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/"
+
+
+def test_defaults():
+    config = service_settings.load_config({})
+    assert (config.mongo_uri, config.mongo_db, config.mongo_timeout_s) == (
+        "mongodb://localhost:27017/", "CatalogServiceDB", 5.0)
+    assert (config.grpc_host, config.grpc_port, config.max_workers, config.max_concurrent_rpcs) == (
+        "0.0.0.0", 5014, 10, 100)
+    assert (config.reflection, config.auth_tokens, config.shutdown_grace_s, config.log_format) == (
+        True, (), 10.0, "text")
+
+
+def test_the_database_is_described_without_credentials():
+    config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "hunter2-0123456789",
+                                           "MONGO_HOST": "db1"})
+    assert service_settings.describe_database(config) == "mongodb://db1:27017/CatalogServiceDB"
+
+
+BAD_SETTINGS = {
+    "MONGO_PORT": "abc", "GRPC_PORT": "70000", "MONGO_TIMEOUT_MS": "0", "GRPC_MAX_WORKERS": "-1",
+    "GRPC_MAX_CONCURRENT_RPCS": "many", "GRPC_REFLECTION": "maybe", "SHUTDOWN_GRACE_S": "soon",
+    "LOG_LEVEL": "LOUD", "LOG_FORMAT": "xml", "GRPC_TLS_CERT": "/no/such/cert.pem", "SHUTDOWN_DELAY_S": "-1",
+}
+
+
+@pytest.mark.parametrize("name, value", BAD_SETTINGS.items())
+def test_a_bad_setting_is_refused_naming_the_variable(name, value):
+    with pytest.raises(service_settings.ConfigError, match=name):
+        service_settings.load_config({name: value})
+
+
+def test_a_bad_setting_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    done = run_server_process({"MONGO_PORT": "abc"}, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'"]
+
+
+@pytest.mark.parametrize("uri", ["mongodb://svc:hunter2-0123456789@db:abc/",
+                                 "mongodb://svc:hun@ter2-0123456789@db/", "mysql://db/"])
+def test_a_bad_mongo_uri_stops_start_up_with_one_line_and_exit_code_2(tmp_path, uri):
+    done = run_server_process({"MONGO_URI": uri}, cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("configuration error: MONGO_URI")
+    assert "hunter2" not in line and "ter2" not in line
+
+
+def test_a_port_already_in_use_stops_start_up_with_one_line_and_exit_code_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_server_process({"GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(port)}, "--in-memory",
+                                  cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"configuration error: GRPC_PORT: cannot listen on 127.0.0.1:{port}: address already in use"]
+
+
+FAIL_CLOSED = {
+    "an empty token list": ({"GRPC_AUTH_TOKEN": ","}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a blank token list": ({"GRPC_AUTH_TOKEN": " "}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a list of blank tokens": ({"GRPC_AUTH_TOKEN": ", ,"}, "GRPC_AUTH_TOKEN is set but holds no token"),
+    "a short token": ({"GRPC_AUTH_TOKEN": "long-enough-token-123,abc"},
+                      "GRPC_AUTH_TOKEN: token 2 of 2 is shorter than 16 characters"),
+    "a short password": ({"MONGO_USER": "svc", "MONGO_PASSWORD": "abc"},
+                         "MONGO_PASSWORD is shorter than 16 characters"),
+    "a short password in the URI": ({"MONGO_URI": "mongodb://svc:abc@db/"},
+                                    "MONGO_URI: the password is shorter than 16 characters"),
+    "an unclosed IPv6 literal": ({"MONGO_URI": "mongodb://[::1"}, "MONGO_URI: "),
+    "a URI without a scheme": ({"MONGO_URI": "localhost:27017"},
+                               "MONGO_URI must start with mongodb:// or mongodb+srv://"),
+    "unacknowledged writes": ({"MONGO_URI": "mongodb://db/?w=0"}, "MONGO_URI: w=0 (unacknowledged writes)"),
+    "a port in MONGO_HOST": ({"MONGO_HOST": "host:27017"}, "MONGO_HOST must be a host name or an IP address"),
+    "a dot in the database name": ({"MONGO_DB": "a.b"}, "MONGO_DB must be under 64 bytes"),
+    "a slash in the database name": ({"MONGO_DB": "bad/name"}, "MONGO_DB must be under 64 bytes"),
+    "a database name of 64 bytes": ({"MONGO_DB": "d" * 64}, "MONGO_DB must be under 64 bytes"),
+}
+
+
+@pytest.mark.parametrize("env, message", FAIL_CLOSED.values(), ids=FAIL_CLOSED.keys())
+def test_a_setting_that_would_fail_later_or_open_is_refused_at_start_up(env, message):
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.load_config(env)
+    assert str(refused.value).startswith(message)
+    assert "abc" not in str(refused.value)  # never the secret
+
+
+def test_a_password_with_uri_delimiters_is_accepted_and_never_described(tmp_path):
+    config = service_settings.load_config({"MONGO_URI": "mongodb://svc:pa[ss]w0rd-0123456789@db1,db2:27018/"})
+    assert service_settings.describe_database(config) == "mongodb://db1:27017,db2:27018/CatalogServiceDB"
+
+
+TLS_MISTAKES = {
+    "a garbage certificate": ({"GRPC_TLS_CERT": "garbage"}, "GRPC_TLS_CERT: no PEM certificate in"),
+    "a garbage key": ({"GRPC_TLS_KEY": "garbage"}, "GRPC_TLS_KEY: "),
+    "a key of another certificate": ({"GRPC_TLS_KEY": "other_key"}, "GRPC_TLS_KEY: "),
+    "an empty client CA": ({"GRPC_TLS_CLIENT_CA": "empty"}, "GRPC_TLS_CLIENT_CA: no PEM certificate in"),
+    "a garbage client CA": ({"GRPC_TLS_CLIENT_CA": "garbage"}, "GRPC_TLS_CLIENT_CA: no PEM certificate in"),
+}
+
+
+@pytest.mark.parametrize("mistake, message", TLS_MISTAKES.values(), ids=TLS_MISTAKES.keys())
+def test_tls_files_are_loaded_and_matched_before_grpc_sees_them(tls_files, mistake, message):
+    env = {"GRPC_TLS_CERT": tls_files["cert"], "GRPC_TLS_KEY": tls_files["key"]}
+    env.update({name: tls_files[file] for name, file in mistake.items()})
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.load_config(env)
+    assert str(refused.value).startswith(message)
+    if "other_key" in mistake.values():
+        assert "does not belong to the certificate in GRPC_TLS_CERT" in str(refused.value)
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"GRPC_AUTH_TOKEN": ","}, "GRPC_AUTH_TOKEN"),
+    ({"MONGO_URI": "mongodb://svc:pa[ss-0123456789@[::1/"}, "MONGO_URI"),
+    ({"MONGO_DB": "bad/name"}, "MONGO_DB"),
+    ({"GRPC_HOST": "no-such-host.invalid"}, "GRPC_HOST"),
+    ({"GRPC_HOST": "192.0.2.1"}, "GRPC_HOST"),  # TEST-NET-1: no address of this machine
+    ({"GRPC_TLS_CERT": __file__, "GRPC_TLS_KEY": __file__}, "GRPC_TLS_CERT"),
+], ids=["tokens", "uri", "database", "unresolvable host", "foreign host", "tls"])
+def test_a_refused_setting_is_one_line_naming_it_and_exit_code_2(tmp_path, env, variable):
+    done = run_server_process(env, "--in-memory", cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"configuration error: {variable}")
+    assert "0123456789" not in line
+
+
+def test_an_empty_exported_variable_may_not_hide_a_dotenv_value(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MONGO_URI=mongodb://db.internal/\n")
+    monkeypatch.setenv("MONGO_URI", "")
+    with pytest.raises(service_settings.ConfigError,
+                       match="MONGO_URI is exported empty, which would hide its value in .env"):
+        service_settings.read_environment(tmp_path / ".env")
+
+
+def test_secrets_are_redacted_only_where_they_stand_whole():
+    secret = "tok-0123456789abcdef"
+    line = f"auth=Bearer {secret}; next{secret}x; {secret}."
+    assert service_settings.redact(line, [secret]) == f"auth=Bearer ***; next{secret}x; ***."
+
+
+def test_settings_come_from_a_dotenv_file_and_the_environment_wins(tmp_path, monkeypatch):
+    (tmp_path / ".env").write_text("MONGO_DB=FromFile\nMONGO_HOST=file-host\n")
+    monkeypatch.setenv("MONGO_HOST", "env-host")
+    config = service_settings.load_config(service_settings.read_environment(tmp_path / ".env"))
+    assert (config.mongo_db, config.mongo_uri) == ("FromFile", "mongodb://env-host:27017/")
+
+
+def test_env_example_lists_every_variable():
+    with open(os.path.join(HERE, ".env.example")) as example:
+        listed = {line.split("=")[0].lstrip("# ").strip() for line in example if "=" in line}
+    with open(os.path.join(HERE, "image_service_settings.py")) as source:
+        code = source.read()
+    used = {name for name in listed if f'"{name}"' in code}
+    assert listed == used
+    for name in ("MONGO_URI", "MONGO_HOST", "MONGO_PORT", "MONGO_DB", "MONGO_USER", "MONGO_PASSWORD",
+                 "MONGO_AUTH_SOURCE", "MONGO_TIMEOUT_MS", "GRPC_HOST", "GRPC_PORT", "GRPC_MAX_WORKERS",
+                 "GRPC_MAX_CONCURRENT_RPCS", "GRPC_REFLECTION", "GRPC_TLS_CERT", "GRPC_TLS_KEY",
+                 "GRPC_TLS_CLIENT_CA", "GRPC_AUTH_TOKEN", "SHUTDOWN_DELAY_S", "SHUTDOWN_GRACE_S",
+                 "HEALTH_CHECK_INTERVAL_S", "LOG_LEVEL", "LOG_FORMAT", "METRICS_PORT", "METRICS_HOST"):
+        assert name in listed and f'"{name}"' in code, name
