@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13image_service.proto\x12\rimage_service\"=\n\x12\x44\x65leteImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\xb5\x01\n\x13\x44\x65leteImageResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\'\n\x07outcome\x18\x03 \x01(\x0e\x32\x16.image_service.Outcome\x12\x16\n\x0e\x64\x65leted_images\x18\x04 \x01(\x05\x12\x15\n\rdeleted_files\x18\x05 \x01(\x05\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x12\n\nfile_bytes\x18\x07 \x01(\x03\"?\n\x13\x44\x65leteImagesRequest\x12\x11\n\tmodel_ids\x18\x01 \x03(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"K\n\x14\x44\x65leteImagesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".image_service.DeleteImageResponse*\xa3\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_DELETED\x10\x01\x12\x1d\n\x19OUTCOME_NOTHING_TO_DELETE\x10\x02\x12\x1c\n\x18OUTCOME_INVALID_ARGUMENT\x10\x03\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x04\x12\x14\n\x10OUTCOME_INTERNAL\x10\x05\x32\xd0\x01\n\x0cImageService\x12]\n\x14\x44\x65leteImageByModelId\x12!.image_service.DeleteImageRequest\x1a\".image_service.DeleteImageResponse\x12\x61\n\x16\x44\x65leteImagesByModelIds\x12\".image_service.DeleteImagesRequest\x1a#.image_service.DeleteImagesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13image_service.proto\x12\rimage_service\"=\n\x12\x44\x65leteImageRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"\xb5\x01\n\x13\x44\x65leteImageResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\'\n\x07outcome\x18\x03 \x01(\x0e\x32\x16.image_service.Outcome\x12\x16\n\x0e\x64\x65leted_images\x18\x04 \x01(\x05\x12\x15\n\rdeleted_files\x18\x05 \x01(\x05\x12\x10\n\x08model_id\x18\x06 \x01(\t\x12\x12\n\nfile_bytes\x18\x07 \x01(\x03\"?\n\x13\x44\x65leteImagesRequest\x12\x11\n\tmodel_ids\x18\x01 \x03(\t\x12\x15\n\rvalidate_only\x18\x02 \x01(\x08\"K\n\x14\x44\x65leteImagesResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".image_service.DeleteImageResponse*\xbb\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x13\n\x0fOUTCOME_DELETED\x10\x01\x12\x1d\n\x19OUTCOME_NOTHING_TO_DELETE\x10\x02\x12\x1c\n\x18OUTCOME_INVALID_ARGUMENT\x10\x03\x12\x17\n\x13OUTCOME_UNAVAILABLE\x10\x04\x12\x14\n\x10OUTCOME_INTERNAL\x10\x05\x12\x16\n\x12OUTCOME_INCOMPLETE\x10\x06\x32\xd0\x01\n\x0cImageService\x12]\n\x14\x44\x65leteImageByModelId\x12!.image_service.DeleteImageRequest\x1a\".image_service.DeleteImageResponse\x12\x61\n\x16\x44\x65leteImagesByModelIds\x12\".image_service.DeleteImagesRequest\x1a#.image_service.DeleteImagesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,7 +32,7 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'image_service_pb2', _global
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OUTCOME']._serialized_start=428
-  _globals['_OUTCOME']._serialized_end=591
+  _globals['_OUTCOME']._serialized_end=615
   _globals['_DELETEIMAGEREQUEST']._serialized_start=38
   _globals['_DELETEIMAGEREQUEST']._serialized_end=99
   _globals['_DELETEIMAGERESPONSE']._serialized_start=102
@@ -41,6 +41,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEIMAGESREQUEST']._serialized_end=348
   _globals['_DELETEIMAGESRESPONSE']._serialized_start=350
   _globals['_DELETEIMAGESRESPONSE']._serialized_end=425
-  _globals['_IMAGESERVICE']._serialized_start=594
-  _globals['_IMAGESERVICE']._serialized_end=802
+  _globals['_IMAGESERVICE']._serialized_start=618
+  _globals['_IMAGESERVICE']._serialized_end=826
 # @@protoc_insertion_point(module_scope)

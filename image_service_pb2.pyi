@@ -15,12 +15,14 @@ class Outcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTCOME_INVALID_ARGUMENT: _ClassVar[Outcome]
     OUTCOME_UNAVAILABLE: _ClassVar[Outcome]
     OUTCOME_INTERNAL: _ClassVar[Outcome]
+    OUTCOME_INCOMPLETE: _ClassVar[Outcome]
 OUTCOME_UNSPECIFIED: Outcome
 OUTCOME_DELETED: Outcome
 OUTCOME_NOTHING_TO_DELETE: Outcome
 OUTCOME_INVALID_ARGUMENT: Outcome
 OUTCOME_UNAVAILABLE: Outcome
 OUTCOME_INTERNAL: Outcome
+OUTCOME_INCOMPLETE: Outcome
 
 class DeleteImageRequest(_message.Message):
     __slots__ = ("model_id", "validate_only")

@@ -54,10 +54,13 @@ class ImageServiceServicer:
     """
 
     def DeleteImageByModelId(self, request, context):
-        """Deletes every image of one model. Safe to repeat: a model with no images
+        """Deletes every image of one model: its `images` documents, and the files
+        they reference that no image of another model references (those are
+        kept, and the message says so). Safe to repeat: a model with no images
         left answers success: true with OUTCOME_NOTHING_TO_DELETE. Input and
-        database problems are answered in the reply (success: false and an
-        outcome); only the call itself fails with a gRPC status
+        database problems, and a model too large to finish within the call's
+        time (OUTCOME_INCOMPLETE), are answered in the reply (success: false
+        and an outcome); only the call itself fails with a gRPC status
         (UNAUTHENTICATED without a valid token, INVALID_ARGUMENT for a body that
         is no valid message, RESOURCE_EXHAUSTED when the server is full,
         DEADLINE_EXCEEDED, CANCELLED, and UNAVAILABLE while it shuts down).
@@ -74,11 +77,13 @@ class ImageServiceServicer:
         request order. More than 1000 ids fails the whole call with the gRPC
         status INVALID_ARGUMENT.
 
-        Commands, for a single delete or a batch alike: 4 (a read, then deletes
-        of files, chunks and metadata) for up to 100,000 images; past that, each
-        of the four steps takes one command per 100,000 ids (and the read one
-        more, at most), so 1,000,000 images take about 41 commands, none over
-        2 MB. A dry run sends the read and one read of `fs.files` per 100,000.
+        Commands, for a single delete or a batch alike, in rounds of up to
+        10,000 images: a read, a check for other models' references to the
+        files, deletes of files, chunks and metadata; then a last read that
+        finds none left. A model of a few images costs 6 commands (1 when it has
+        none); 1,000,000 images take 100 rounds, 501 commands, none over 2 MB,
+        spread over as many calls as MONGO_TIMEOUT_MS needs. A dry run sends
+        the read, the reference check and one read of `fs.files` per 10,000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,9 +68,13 @@ from image_service_settings import (
 from image_service_store import (
     SAMPLE_MODELS,
     create_indexes,
+    describe_indexes,
+    gridfs_file_key,
     in_batches,
     open_in_memory_database,
     referenced_file_id,
+    references_filter,
+    stored_file_ids,
 )
 
 log = logging.getLogger("image_service")
@@ -80,15 +84,25 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # ---------------------------------------------------------------------------
 # The deletion
 # ---------------------------------------------------------------------------
+#
+# A delete works in rounds, each whole in itself: read up to ROUND_SIZE
+# ``images`` documents of the models; keep the files that an image of
+# another model still references; delete the other files (``fs.files``, then
+# ``fs.chunks``, as GridFS does), then the documents read (by ``_id``). Files
+# go before the metadata, so after any failure the metadata still points at
+# what a retry must finish. Rounds go on until a read finds nothing left,
+# and only then does a reply say success; when the time budget runs out
+# first, the reply says how much was removed and that more remains, and the
+# next call goes on from there.
 
 MAX_MODEL_ID_LENGTH = 256
 MAX_BATCH_SIZE = 1000
-# The read asks for up to this many documents per reply, so that a batch
-# costs one command, not one per 101 documents (the server's default batch).
+# Images per round. The largest command of a round, the reference check,
+# carries 5 spellings per file: about 1.2 MB for 10,000 files, far below
+# MongoDB's 16 MB; and a round stays well within the default 5 s budget.
+ROUND_SIZE = 10_000
+# A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
-# Ids per delete command: 100,000 ObjectIds make a command of 1.9 MB,
-# far below MongoDB's 16 MB limit (which one $in reaches near 800,000 ids).
-ID_BATCH_SIZE = 100_000
 
 
 def invalid_model_id_reason(model_id):
@@ -112,6 +126,19 @@ def stored_model_id_forms(model_id):
     return forms
 
 
+def images_of(forms):
+    """The filter for the ``images`` documents whose ``model_id`` is one of
+    ``forms``: equal to it, not an array that merely contains it (such a
+    document is another model's)."""
+    return {"model_id": {"$in": forms, "$not": {"$type": "array"}}}
+
+
+def images_of_other_models(forms):
+    """The filter for every other ``images`` document: another model id, no
+    model id, or an array of them."""
+    return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
+
+
 def cut_for_reply(model_id):
     """A model id as a reply may carry it. An invalid one can be megabytes
     long; cut, and marked so, a batch of them stays far below a caller's
@@ -123,52 +150,68 @@ def cut_for_reply(model_id):
 
 @dataclasses.dataclass
 class ModelImages:
-    """One model's images as read from ``images``, and what removing them did."""
+    """What a delete found of one model and what removing it did, over all
+    its rounds. Removals are counted as MongoDB reported them."""
 
-    metadata_ids: list = dataclasses.field(default_factory=list)
-    file_ids: set = dataclasses.field(default_factory=set)
-    invalid_references: int = 0
-    # What the database reported removed (see split_among_models for batches).
+    found_images: int = 0
     deleted_images: int = 0
     deleted_files: int = 0
+    kept_files: int = 0  # still referenced by another model
+    missing_files: int = 0  # referenced, but already gone
+    files_counted_earlier: int = 0  # shared with a model earlier in the batch
+    invalid_references: int = 0
     counts_shared_out: bool = False
     file_bytes: int = 0  # dry runs only
 
 
-def read_images(db, model_ids):
-    """Every ``images`` document of these models, grouped by model: one
-    ``find`` (and a ``getMore`` per further READ_BATCH_SIZE documents).
+@dataclasses.dataclass
+class ImagesRead:
+    """One read of ``images``: each model's documents and the files they name."""
 
-    Only documents whose ``model_id`` equals a requested id (or its ObjectId)
-    are kept; one that merely matched through an array is another model's.
-    """
-    wanted = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
-    found = {model_id: ModelImages() for model_id in model_ids}
-    forms = list(wanted)
-    cursor = db.images.find(
-        {"model_id": forms[0] if len(forms) == 1 else {"$in": forms}},
-        {"model_id": 1, "image_id": 1},
-        batch_size=READ_BATCH_SIZE,
-    )
-    for document in cursor:
-        stored = document.get("model_id")
-        if not isinstance(stored, (str, ObjectId)) or stored not in wanted:
-            continue
-        images = found[wanted[stored]]
-        images.metadata_ids.append(document["_id"])
+    metadata_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    file_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
+    invalid_references: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, model_id, document):
+        self.metadata_ids[model_id].append(document["_id"])
         file_id = referenced_file_id(document.get("image_id"))
         if file_id is None:
-            images.invalid_references += 1
+            self.invalid_references[model_id] += 1
         else:
-            images.file_ids.add(file_id)
-    return found
+            self.file_ids[model_id].add(file_id)
+
+    def file_owners(self, model_ids):
+        """Each file named, with the first of ``model_ids`` naming it: a file
+        two models of a batch share is counted once, with the first."""
+        owners = {}
+        for model_id in model_ids:
+            for file_id in self.file_ids[model_id]:
+                owners.setdefault(file_id, model_id)
+        return owners
 
 
-def delete_by_ids(collection, field, ids):
-    """Deletes the documents whose ``field`` is one of ``ids``, ID_BATCH_SIZE
-    ids per command; returns how many the database removed."""
-    return sum(collection.delete_many({field: {"$in": batch}}).deleted_count
-               for batch in in_batches(ids, ID_BATCH_SIZE))
+def read_images(db, forms_to_models, limit=0):
+    """The ``images`` documents of the models (``forms_to_models`` maps each
+    stored form of a model id to the id), up to ``limit`` (0: all) in one
+    ``find``."""
+    read = ImagesRead()
+    cursor = db.images.find(images_of(list(forms_to_models)), {"model_id": 1, "image_id": 1},
+                            limit=limit, batch_size=limit or READ_BATCH_SIZE)
+    for document in cursor:
+        read.add(forms_to_models[document["model_id"]], document)
+    return read
+
+
+def files_referenced_elsewhere(db, file_ids, forms):
+    """Those of ``file_ids`` that an ``images`` document of another model
+    references, in any spelling: one ``find`` by the ``image_id`` index per
+    ROUND_SIZE files."""
+    referenced = set()
+    for batch in in_batches(file_ids, ROUND_SIZE):
+        query = {"$and": [references_filter(batch), images_of_other_models(forms)]}
+        for document in db.images.find(query, {"image_id": 1}):
+            referenced.add(referenced_file_id(document.get("image_id")))
+    return referenced & set(file_ids)
 
 
 def split_among_models(wanted, removed):
@@ -184,55 +227,100 @@ def split_among_models(wanted, removed):
     return shares[::-1]
 
 
-def delete_images_of_models(db, model_ids):
-    """Removes every image of the given models; returns what each had and
-    what the database reported removed.
-
-    Four commands for up to ID_BATCH_SIZE images: one read, then three
-    deletes by ``$in``; past that, each step takes one command per
-    ID_BATCH_SIZE ids, so no command nears MongoDB's 16 MB limit. The order
-    makes every failure safe to retry: every file batch (``fs.files``, then
-    ``fs.chunks``, as GridFS itself deletes) goes first and the metadata
-    last, so until the metadata is gone it still points at whatever a retry
-    must finish. Only the metadata documents that were read are deleted (by
-    ``_id``): an image uploaded while this runs is left whole, never as an
-    orphaned file, and the next delete removes it.
-    """
-    found = read_images(db, model_ids)
-    models = [images for images in found.values() if images.metadata_ids]
-    file_ids = list(set().union(*(images.file_ids for images in models)))
-    removed_files = delete_by_ids(db["fs.files"], "_id", file_ids) if file_ids else 0
-    if file_ids:
-        delete_by_ids(db["fs.chunks"], "files_id", file_ids)
-    metadata_ids = [i for images in models for i in images.metadata_ids]
-    removed_images = delete_by_ids(db.images, "_id", metadata_ids) if metadata_ids else 0
-    files = split_among_models([len(images.file_ids) for images in models], removed_files)
-    metadata = split_among_models([len(images.metadata_ids) for images in models], removed_images)
-    for images, deleted_files, deleted_images in zip(models, files, metadata, strict=False):
-        images.deleted_files, images.deleted_images = deleted_files, deleted_images
-        images.counts_shared_out = len(models) > 1 and (
-            removed_files < len(file_ids) or removed_images < len(metadata_ids))
-    return found
+def credit(found, model_ids, wanted, removed, field):
+    """Adds what MongoDB ``removed`` to the models' ``field``, shared out as
+    they ``wanted`` it; returns each model's shortfall."""
+    shares = split_among_models(wanted, removed)
+    shared_out = sum(1 for count in wanted if count) > 1 and removed != sum(wanted)
+    for model_id, count, share in zip(model_ids, wanted, shares, strict=True):
+        images = found[model_id]
+        setattr(images, field, getattr(images, field) + share)
+        images.counts_shared_out |= shared_out and count > 0
+    return [count - share for count, share in zip(wanted, shares, strict=True)]
 
 
-def preview_images_of_models(db, model_ids):
-    """What delete_images_of_models would remove now, without writing: the
-    same read, then the files' lengths (one read per ID_BATCH_SIZE files)."""
-    found = read_images(db, model_ids)
-    file_ids = list(set().union(*(images.file_ids for images in found.values())))
-    lengths = {}
-    for batch in in_batches(file_ids, ID_BATCH_SIZE):
-        files = db["fs.files"].find({"_id": {"$in": batch}}, {"length": 1}, batch_size=READ_BATCH_SIZE)
-        lengths.update((file["_id"], int(file.get("length") or 0)) for file in files)
-    for images in found.values():
-        existing = images.file_ids & lengths.keys()
-        images.deleted_images, images.deleted_files = len(images.metadata_ids), len(existing)
-        images.file_bytes = sum(lengths[file_id] for file_id in existing)
-    return found
+def remove_round(db, read, forms, found):
+    """Deletes what one read found: the files no other model references,
+    their chunks, then the documents read. Adds to ``found`` what MongoDB
+    reports removed, command by command, so a failure midway still counts
+    what went before it."""
+    model_ids = [model_id for model_id in found if read.metadata_ids[model_id]]
+    owners = read.file_owners(model_ids)
+    kept = files_referenced_elsewhere(db, list(owners), forms) if owners else set()
+    doomed = [file_id for file_id in owners if file_id not in kept]
+    for model_id in model_ids:
+        images = found[model_id]
+        images.found_images += len(read.metadata_ids[model_id])
+        images.invalid_references += read.invalid_references[model_id]
+        images.kept_files += len(read.file_ids[model_id] & kept)
+        images.files_counted_earlier += sum(1 for file_id in read.file_ids[model_id] - kept
+                                            if owners[file_id] != model_id)
+    if doomed:
+        removed = db["fs.files"].delete_many({"_id": {"$in": stored_file_ids(doomed)}}).deleted_count
+        wanted = [sum(1 for file_id in doomed if owners[file_id] == model_id) for model_id in model_ids]
+        for model_id, missing in zip(model_ids, credit(found, model_ids, wanted, removed, "deleted_files"),
+                                     strict=True):
+            found[model_id].missing_files += max(missing, 0)
+        db["fs.chunks"].delete_many({"files_id": {"$in": stored_file_ids(doomed)}})
+    metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
+    removed = db.images.delete_many({"_id": {"$in": metadata_ids}}).deleted_count
+    credit(found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
+           "deleted_images")
+
+
+def delete_images_of_models(db, model_ids, found, deadline):
+    """Removes every image of the models, round by round, adding to
+    ``found`` what each round removed. Returns True once a read finds none
+    left, False when too little of the budget (``deadline``, on
+    ``time.monotonic()``) remains for another full round: twice the slowest
+    so far."""
+    forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
+    forms = list(forms_to_models)
+    slowest = 0.0
+    while True:
+        started = time.monotonic()
+        read = read_images(db, forms_to_models, limit=ROUND_SIZE)
+        if not read.metadata_ids:
+            return True
+        remove_round(db, read, forms, found)
+        slowest = max(slowest, time.monotonic() - started)
+        round_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
+        if round_was_full and deadline - time.monotonic() < 2 * slowest:
+            return False
+
+
+def preview_images_of_models(db, model_ids, found):
+    """What delete_images_of_models would remove now, without writing: one
+    read of every document, the reference check, and the lengths of the
+    files that would go (one read per ROUND_SIZE files)."""
+    forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
+    read = read_images(db, forms_to_models)
+    owners = read.file_owners(model_ids)
+    kept = files_referenced_elsewhere(db, list(owners), list(forms_to_models)) if owners else set()
+    lengths = collections.Counter()
+    existing = set()
+    for batch in in_batches([file_id for file_id in owners if file_id not in kept], ROUND_SIZE):
+        for file in db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}):
+            lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
+            existing.add(gridfs_file_key(file["_id"]))
+    for model_id in model_ids:
+        images, own = found[model_id], {f for f in existing if owners[f] == model_id}
+        images.found_images = images.deleted_images = len(read.metadata_ids[model_id])
+        images.deleted_files = len(own)
+        images.kept_files = len(read.file_ids[model_id] & kept)
+        images.file_bytes = sum(lengths[file_id] for file_id in own)
+
+
+def _plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def preview_reply(model_id, images):
     """The reply for one model in a dry run."""
+    notes = [f"would delete {_plural(images.deleted_images, 'image')} and"
+             f" {_plural(images.deleted_files, 'file')} ({images.file_bytes} bytes)"]
+    if images.kept_files:
+        notes.append(f"would keep {_plural(images.kept_files, 'file')} referenced by another model")
     return pb2.DeleteImageResponse(
         success=True,
         outcome=pb2.OUTCOME_DELETED if images.deleted_images else pb2.OUTCOME_NOTHING_TO_DELETE,
@@ -240,80 +328,77 @@ def preview_reply(model_id, images):
         deleted_images=images.deleted_images,
         deleted_files=images.deleted_files,
         file_bytes=images.file_bytes,
-        message=(f"would delete {_plural(images.deleted_images, 'image')} and"
-                 f" {_plural(images.deleted_files, 'file')} ({images.file_bytes} bytes);"
-                 " nothing was changed"),
+        message="; ".join(notes) + "; nothing was changed",
     )
 
 
-def _plural(count, noun):
-    return f"{count} {noun}{'' if count == 1 else 's'}"
+def deletion_notes(images):
+    """What a reply says about a model's removal, beyond the counts."""
+    notes = []
+    if images.kept_files:
+        notes.append(f"kept {_plural(images.kept_files, 'file')} still referenced by another model")
+    if images.files_counted_earlier:
+        notes.append(f"{_plural(images.files_counted_earlier, 'file')} shared with a model earlier in this"
+                     " batch, counted there")
+    if images.counts_shared_out:
+        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
+                     " delete removed some images first")
+    else:
+        if images.missing_files:
+            notes.append(f"{_plural(images.missing_files, 'reference')} to a file already gone")
+        if images.found_images > images.deleted_images:
+            taken = images.found_images - images.deleted_images
+            notes.append(f"{taken} removed by a concurrent delete first")
+    if images.invalid_references:
+        notes.append(f"{_plural(images.invalid_references, 'reference')} had no valid file id")
+    return notes
 
 
 def deletion_reply(model_id, images):
-    """The reply for one model whose delete went through."""
-    if images.deleted_images == 0 and images.deleted_files == 0:
-        gone = (f"; a concurrent delete removed its {_plural(len(images.metadata_ids), 'image')} first"
-                if images.metadata_ids else "")
+    """The reply for one model none of whose images remains."""
+    if images.deleted_images == 0 and images.deleted_files == 0 and not images.kept_files:
+        gone = (f"; a concurrent delete removed its {_plural(images.found_images, 'image')} first"
+                if images.found_images else "")
         return pb2.DeleteImageResponse(
             success=True,
             outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
             model_id=model_id,
             message=f"no images of model {model_id!r}; nothing to delete{gone}",
         )
-    notes = [f"deleted {_plural(images.deleted_images, 'image')} and {_plural(images.deleted_files, 'file')}"]
-    if images.counts_shared_out:
-        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
-                     " delete removed some images first")
-    else:
-        missing_files = len(images.file_ids) - images.deleted_files
-        if missing_files:
-            notes.append(f"{_plural(missing_files, 'reference')} to a file already gone")
-        if len(images.metadata_ids) > images.deleted_images:
-            taken = len(images.metadata_ids) - images.deleted_images
-            notes.append(f"{taken} removed by a concurrent delete first")
-    if images.invalid_references:
-        notes.append(f"{_plural(images.invalid_references, 'reference')} had no valid file id")
+    counts = f"deleted {_plural(images.deleted_images, 'image')} and {_plural(images.deleted_files, 'file')}"
     return pb2.DeleteImageResponse(
         success=True,
         outcome=pb2.OUTCOME_DELETED,
         model_id=model_id,
         deleted_images=images.deleted_images,
         deleted_files=images.deleted_files,
-        message="; ".join(notes),
+        message="; ".join([counts, *deletion_notes(images)]),
     )
 
 
-def delete_and_describe(db, model_ids, deadline, dry_run=False):
-    """One reply per requested id, in order: invalid ids are answered without
-    touching anything, the valid ones are deleted together (or, in a dry run,
-    previewed) before ``deadline`` (``time.monotonic()``), and a database
-    failure is reported on each of them."""
-    reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
-    valid = [model_id for model_id, reason in reasons.items() if reason is None]
-    timeout_s = deadline - time.monotonic()
-    try:
-        if valid and timeout_s <= 0:
-            raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
-        with pymongo.timeout(timeout_s):
-            work = preview_images_of_models if dry_run else delete_images_of_models
-            found = work(db, valid) if valid else {}
-        failure = None
-    except Exception as error:  # Reported to the caller; the server goes on.
-        log.warning("delete of %d model(s) failed: %s: %s", len(valid), type(error).__name__, error)
-        failure = classify_failure(error)
-    replies = []
-    for model_id in model_ids:
-        if reasons[model_id]:
-            replies.append(pb2.DeleteImageResponse(
-                success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
-                model_id=cut_for_reply(model_id), message=reasons[model_id]))
-        elif failure:
-            replies.append(pb2.DeleteImageResponse(
-                success=False, outcome=failure[0], model_id=model_id, message=failure[1]))
-        else:
-            replies.append((preview_reply if dry_run else deletion_reply)(model_id, found[model_id]))
-    return replies
+def unfinished_reply(model_id, images, outcome, reason):
+    """The reply for one model whose images may not all be gone: success is
+    false, and the counts say what this call removed all the same."""
+    removed = ""
+    if images.deleted_images or images.deleted_files:
+        removed = (f"; deleted {_plural(images.deleted_images, 'image')} and"
+                   f" {_plural(images.deleted_files, 'file')} first")
+    return pb2.DeleteImageResponse(
+        success=False,
+        outcome=outcome,
+        model_id=model_id,
+        deleted_images=images.deleted_images,
+        deleted_files=images.deleted_files,
+        message=reason + removed,
+    )
+
+
+def repeat_reply(first):
+    """The reply for a model named again in the same batch: the same result,
+    with the counts left to the first mention."""
+    return pb2.DeleteImageResponse(
+        success=first.success, outcome=first.outcome, model_id=first.model_id,
+        message="named earlier in this batch: see the result for its first mention, which counts its images")
 
 
 def classify_failure(error):
@@ -326,6 +411,54 @@ def classify_failure(error):
     if isinstance(error, unavailable) or getattr(error, "timeout", False):
         return pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later"
     return pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log"
+
+
+def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
+    """One reply per requested id, in order. Invalid ids are answered without
+    touching anything; the valid ones are deleted together (in a dry run,
+    previewed) before ``deadline`` (on ``time.monotonic()``), each once
+    however often it is named; a database failure is reported on each, with
+    what was removed before it."""
+    reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
+    valid = [model_id for model_id, reason in reasons.items() if reason is None]
+    found = {model_id: ModelImages() for model_id in valid}
+    finished, failure = True, None
+    try:
+        timeout_s = deadline - time.monotonic()
+        if valid and timeout_s <= 0:
+            raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
+        with pymongo.timeout(timeout_s):
+            if valid and dry_run:
+                preview_images_of_models(db, valid, found)
+            elif valid:
+                finished = delete_images_of_models(db, valid, found, deadline)
+    except Exception as error:  # Reported to the caller; the server goes on.
+        log.warning("request_id=%s delete of %d model(s) failed: %s: %s", request_id, len(valid),
+                    type(error).__name__, error)
+        failure = classify_failure(error)
+    replies, first_reply = [], {}
+    for model_id in model_ids:
+        if reasons[model_id]:
+            replies.append(pb2.DeleteImageResponse(
+                success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
+                model_id=cut_for_reply(model_id), message=reasons[model_id]))
+        elif model_id in first_reply:
+            replies.append(repeat_reply(first_reply[model_id]))
+        else:
+            replies.append(_reply(model_id, found[model_id], dry_run, finished, failure))
+            first_reply[model_id] = replies[-1]
+    return replies
+
+
+def _reply(model_id, images, dry_run, finished, failure):
+    if failure:
+        return unfinished_reply(model_id, images, failure[0], failure[1])
+    if dry_run:
+        return preview_reply(model_id, images)
+    if not finished:
+        return unfinished_reply(model_id, images, pb2.OUTCOME_INCOMPLETE,
+                                "more images remain: this call's time ran out; call again to continue")
+    return deletion_reply(model_id, images)
 
 
 # ---------------------------------------------------------------------------
@@ -350,9 +483,15 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         remaining = context.time_remaining()
         budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
         deadline = time.monotonic() + budget
+        request_id = CURRENT_CALL.get().request_id
         loop = asyncio.get_running_loop()
-        replies = await loop.run_in_executor(
-            self._threads, delete_and_describe, self._db, model_ids, deadline, dry_run)
+        return await loop.run_in_executor(
+            self._threads, self._delete_and_count, model_ids, deadline, dry_run, request_id)
+
+    def _delete_and_count(self, model_ids, deadline, dry_run, request_id):
+        """On a database thread: the deletion, then its counts, which are
+        counted even when the caller has gone meanwhile."""
+        replies = delete_and_describe(self._db, model_ids, deadline, dry_run, request_id)
         if not dry_run:
             self._metrics.count(replies)
         return replies
@@ -564,7 +703,10 @@ def open_database(config, in_memory, event_listeners=()):
         client = connect_to_mongo(config, event_listeners)
     except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
         raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
-    return client[config.mongo_db], describe_database(config)
+    # Reads go to the primary, whatever the URI's readPreference: a lagging
+    # secondary would miss a recent upload, and the reply would say success.
+    db = client.get_database(config.mongo_db, read_preference=pymongo.ReadPreference.PRIMARY)
+    return db, describe_database(config)
 
 
 def main(argv=None):
@@ -590,8 +732,7 @@ def main(argv=None):
             reason = redact(str(error).splitlines()[0], config.secrets)
             print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
             return 1
-        print(f"indexes present on {database_description}: images {{model_id: 1}},"
-              " fs.chunks {files_id: 1, n: 1} (unique)")
+        print(f"indexes present on {database_description}: {describe_indexes()}")
         return 0
     if args.sweep_orphans:
         try:

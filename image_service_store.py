@@ -8,25 +8,75 @@ GridFS file, the indexes deletes need (checked at start, created by
 ``--in-memory`` serves.
 """
 
+import dataclasses
 import datetime
 import logging
 
-from bson import ObjectId
+from bson import ObjectId, Regex
 
 log = logging.getLogger("image_service.store")
 
 
+# ASCII whitespace, as MongoDB's regular expressions know it (``\s``).
+WHITESPACE = " \t\n\r\x0b\x0c"
+
+
 def referenced_file_id(image_id):
-    """The GridFS file id an ``images`` document points at, or None if its
-    ``image_id`` is no valid id. The upload service writes the lower-case hex
-    string, other writers the ObjectId itself; upper-case hex and stray
-    surrounding spaces still name the same file. The delete and the sweep
-    both decide with this one function."""
+    """The GridFS file an ``images`` document points at, as an ObjectId, or
+    None if its ``image_id`` names none.
+
+    The upload service writes the lower-case hex string, other writers the
+    ObjectId itself; the hex in upper case, and either with surrounding
+    whitespace, name the same file. Mixed case does not: every spelling
+    accepted here is one that references_filter finds by index, so the
+    delete, the dry run and the sweep all decide with this one function.
+    """
     if isinstance(image_id, ObjectId):
         return image_id
-    if isinstance(image_id, str) and ObjectId.is_valid(image_id.strip()):
-        return ObjectId(image_id.strip())
+    if isinstance(image_id, str):
+        hex_id = image_id.strip(WHITESPACE)
+        if ObjectId.is_valid(hex_id) and hex_id in (hex_id.lower(), hex_id.upper()):
+            return ObjectId(hex_id)
     return None
+
+
+def gridfs_file_key(stored_id):
+    """The file id an ``fs.files`` ``_id`` stands for: GridFS allows any
+    ``_id``, and some writers store the hex string (in either case). Any
+    other ``_id`` stands for itself."""
+    is_hex = isinstance(stored_id, str) and ObjectId.is_valid(stored_id)
+    if is_hex and stored_id in (stored_id.lower(), stored_id.upper()):
+        return ObjectId(stored_id)
+    return stored_id
+
+
+def stored_file_ids(file_ids):
+    """The ``_id`` values the GridFS files of these ids may have: the
+    ObjectId, and the hex string in either case."""
+    return [form for file_id in file_ids for form in (file_id, str(file_id), str(file_id).upper())]
+
+
+# Strings that start with whitespace: few, and each of these patterns has a
+# literal first character, so MongoDB scans only them in the index.
+_LEADING_WHITESPACE = [Regex("^" + character) for character in WHITESPACE]
+
+
+def references_filter(file_ids):
+    """The filter for every ``images`` document that references one of these
+    files in a spelling referenced_file_id accepts (and a few more, which
+    the caller parses), all by the ``image_id`` index: the ObjectId and the
+    hex in either case; the hex followed by whitespace (a pattern with a
+    literal prefix: an index range); any string that starts with whitespace.
+    Exact values and patterns go in two branches, so a document that matches
+    exactly is never tried against the patterns."""
+    exact, patterns = [], list(_LEADING_WHITESPACE)
+    for file_id in file_ids:
+        exact.append(file_id)
+        for hex_id in (str(file_id), str(file_id).upper()):
+            exact.append(hex_id)
+            # Not re.compile: a pattern only MongoDB runs need not be compiled here.
+            patterns.append(Regex(f"^{hex_id}\\s"))
+    return {"$or": [{"image_id": {"$in": exact}}, {"image_id": {"$in": patterns}}]}
 
 
 def in_batches(items, size):
@@ -35,43 +85,68 @@ def in_batches(items, size):
         yield items[start:start + size]
 
 
-INDEXES = {
-    "images": ([("model_id", 1)], {}, "every delete scans the whole images collection"),
-    "fs.chunks": ([("files_id", 1), ("n", 1)], {"unique": True},
-                  "every chunk delete scans all chunks, and GridFS itself misbehaves"),
-}
+@dataclasses.dataclass(frozen=True)
+class Index:
+    """An index deletes need, and what its absence costs."""
+
+    collection: str
+    keys: tuple
+    unique: bool
+    cost: str
+
+    def spec(self):
+        return "{" + ", ".join(f"{key}: {order}" for key, order in self.keys) + "}"
+
+
+INDEXES = (
+    Index("images", (("model_id", 1),), False, "every delete scans the whole images collection"),
+    Index("images", (("image_id", 1),), False,
+          "every delete scans the whole images collection for other models' references to its files"),
+    Index("fs.chunks", (("files_id", 1), ("n", 1)), True,
+          "every chunk delete scans all chunks, and GridFS itself misbehaves"),
+)
+
+
+def _serves(index, present):
+    """Whether an index as ``index_information`` describes it serves ``index``:
+    GridFS's must be the unique one itself; the others need only lead with
+    the same fields, in any direction."""
+    keys = [tuple(key) for key in present["key"]]
+    if index.unique:
+        return keys == list(index.keys) and bool(present.get("unique"))
+    return [name for name, _ in keys[:len(index.keys)]] == [name for name, _ in index.keys]
 
 
 def missing_indexes(db):
-    """The collections of INDEXES lacking theirs: ``images`` needs an index
-    whose first key is ``model_id``; ``fs.chunks`` GridFS's unique one."""
+    """The INDEXES that no index in the database serves."""
     missing = []
-    for collection, (keys, _, _) in INDEXES.items():
-        present = db[collection].index_information().values()
-        if collection == "images":
-            found = any(index["key"][0][0] == keys[0][0] for index in present)
-        else:
-            found = any([tuple(k) for k in index["key"]] == keys and index.get("unique") for index in present)
-        if not found:
-            missing.append(collection)
+    for index in INDEXES:
+        present = db[index.collection].index_information().values()
+        if not any(_serves(index, info) for info in present):
+            missing.append(index)
     return missing
 
 
 def warn_about_missing_indexes(db):
     """One WARNING per missing index: what it costs, and how to create it."""
-    for collection in missing_indexes(db):
-        keys, options, cost = INDEXES[collection]
-        spec = "{" + ", ".join(f"{key}: {order}" for key, order in keys) + "}"
-        unique = ", {unique: true}" if options.get("unique") else ""
+    for index in missing_indexes(db):
+        unique = ", {unique: true}" if index.unique else ""
         log.warning("index missing on %s %s: %s; create it with: python3 image_service_server.py"
                     " --create-indexes (or db.getCollection(%r).createIndex(%s%s))",
-                    collection, spec, cost, collection, spec, unique)
+                    index.collection, index.spec(), index.cost, index.collection, index.spec(), unique)
 
 
 def create_indexes(db):
-    """Creates both indexes; MongoDB leaves an existing one as it is."""
-    for collection, (keys, options, _) in INDEXES.items():
-        db[collection].create_index(keys, **options)
+    """Creates the INDEXES; MongoDB leaves an existing one as it is."""
+    for index in INDEXES:
+        options = {"unique": True} if index.unique else {}
+        db[index.collection].create_index(list(index.keys), **options)
+
+
+def describe_indexes():
+    """The INDEXES in one line, for --create-indexes to report."""
+    return ", ".join(f"{index.collection} {index.spec()}{' (unique)' if index.unique else ''}"
+                     for index in INDEXES)
 
 
 GRIDFS_CHUNK_SIZE = 255 * 1024  # GridFS's default chunk size

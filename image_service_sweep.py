@@ -9,12 +9,11 @@ same function as the deletion (``image_service_store.referenced_file_id``).
 
 import dataclasses
 import datetime
-import re
 import sys
 
 from bson import ObjectId
 
-from image_service_store import in_batches, referenced_file_id
+from image_service_store import gridfs_file_key, in_batches, referenced_file_id, references_filter
 
 
 @dataclasses.dataclass
@@ -37,10 +36,13 @@ def find_orphans(db, min_age_s, now=None):
     for document in db.images.find({}, {"image_id": 1}):
         references[document["_id"]] = referenced_file_id(document.get("image_id"))
     files = {f["_id"]: f.get("uploadDate") for f in db["fs.files"].find({}, {"uploadDate": 1})}
+    # A file whose _id is the hex string is the file its references name.
+    file_keys = {gridfs_file_key(file_id) for file_id in files}
     referenced = set(references.values())
-    unreferenced = [file_id for file_id, uploaded in files.items() if file_id not in referenced
-                    and uploaded is not None and _utc(uploaded) < cutoff]
-    dangling = [doc_id for doc_id, file_id in references.items() if file_id not in files]
+    unreferenced = [file_id for file_id, uploaded in files.items()
+                    if gridfs_file_key(file_id) not in referenced and uploaded is not None
+                    and _utc(uploaded) < cutoff]
+    dangling = [doc_id for doc_id, file_id in references.items() if file_id not in file_keys]
     chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id", "newest": {"$max": "$_id"}}}])
     orphan_chunks = [group["_id"] for group in chunk_groups if group["_id"] not in files
                      and isinstance(group["newest"], ObjectId) and group["newest"].generation_time < cutoff]
@@ -52,14 +54,14 @@ def _utc(moment):
 
 
 def references_to(db, file_ids):
-    """Which of these files an ``images`` document references now, in any
-    spelling referenced_file_id accepts: the two canonical ones by index,
-    and every odd string (upper case, spaces) read and parsed."""
-    canonical = [*file_ids, *(str(file_id) for file_id in file_ids)]
-    odd = {"$type": "string", "$not": re.compile("^[0-9a-f]{24}$")}
-    query = {"$or": [{"image_id": {"$in": canonical}}, {"image_id": odd}]}
-    documents = db.images.find(query, {"image_id": 1})
-    return {referenced_file_id(document.get("image_id")) for document in documents} & set(file_ids)
+    """Which of these files (``fs.files`` ids) an ``images`` document
+    references now, in any spelling referenced_file_id accepts, found by the
+    ``image_id`` index as the delete finds them."""
+    keys = {file_id: gridfs_file_key(file_id) for file_id in file_ids}
+    named = [key for key in set(keys.values()) if isinstance(key, ObjectId)]
+    documents = db.images.find(references_filter(named), {"image_id": 1})
+    referenced = {referenced_file_id(document.get("image_id")) for document in documents}
+    return {file_id for file_id, key in keys.items() if key in referenced}
 
 
 def sweep_orphans(db, report, apply_files, batch_size):

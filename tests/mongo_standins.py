@@ -17,6 +17,8 @@ import pymongo
 from bson import Int64, ObjectId
 from mockupdb import MockupDB
 
+import image_service_store as store
+
 
 def closed_port():
     """A loopback port nothing listens on."""
@@ -128,7 +130,8 @@ class WireMongo:
         collection = self.db[command[name]]
         namespace = f"{self.db.name}.{command[name]}"
         if name == "find":
-            documents = list(collection.find(command.get("filter", {}), command.get("projection")))
+            documents = list(collection.find(command.get("filter", {}), command.get("projection"),
+                                             limit=command.get("limit", 0)))
         elif name == "aggregate":
             documents = list(collection.aggregate(command["pipeline"]))
         elif name == "createIndexes":
@@ -151,9 +154,10 @@ class WireMongo:
 class SyntheticMongo(socketserver.ThreadingTCPServer):
     """A MongoDB at the wire level, in a few lines of OP_MSG, holding one
     model with ``images`` images synthesised on demand rather than stored
-    (each with one file and one chunk). It answers the handshake, find and
-    getMore on ``images`` and deletes by ``$in``, remembering what is gone,
-    and records each command's name, collection and size."""
+    (each with one file and one chunk). It answers the handshake, the
+    delete's reads of ``images`` (up to ``limit`` documents of the model; no
+    other model references its files) and deletes by ``$in``, remembering
+    what is gone, and records each command's name, collection and size."""
 
     daemon_threads = True
 
@@ -165,7 +169,7 @@ class SyntheticMongo(socketserver.ThreadingTCPServer):
         self.present = {"images": set(self.metadata_ids), "fs.files": set(self.file_ids),
                         "fs.chunks": set(self.file_ids)}
         self.commands = []  # (name, collection, size of the command in bytes)
-        self._next = 0
+        self._first_present = 0  # deletes go in order: nothing before this is present
 
     def answer(self, command, size):
         name = next(iter(command))
@@ -173,31 +177,38 @@ class SyntheticMongo(socketserver.ThreadingTCPServer):
             return {**WireMongo.HELLO, "ok": 1}
         if name in ("ping", "endSessions"):
             return {"ok": 1}
+        if name == "listIndexes":  # the service's index check: every index it wants is there
+            indexes = [{"v": 2, "key": dict(index.keys), "name": f"index-{number}", "unique": index.unique}
+                       for number, index in enumerate(store.INDEXES)]
+            namespace = f"CatalogServiceDB.{command[name]}"
+            return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": indexes}, "ok": 1}
         if name == "report":  # for the test: what is left, and what was asked
             return {"present": {key: len(ids) for key, ids in self.present.items()},
                     "commands": [list(command) for command in self.commands], "ok": 1}
         self.commands.append((name, str(command[name]), size))
-        if name == "find":
-            self._next = 0
-            return {"cursor": self._batch(command["batchSize"], "firstBatch"), "ok": 1}
-        if name == "getMore":
-            return {"cursor": self._batch(command["batchSize"], "nextBatch"), "ok": 1}
+        if name == "find" and "model_id" in command["filter"]:
+            return {"cursor": self._images(command.get("limit", 0)), "ok": 1}
+        if name == "find" and "$and" in command["filter"]:  # other models' references to its files: none
+            return {"cursor": {"id": Int64(0), "ns": "CatalogServiceDB.images", "firstBatch": []}, "ok": 1}
         if name == "delete":
             ((_, condition),) = command["deletes"][0]["q"].items()
             gone = self.present[command["delete"]] & set(condition["$in"])
             self.present[command["delete"]] -= gone
             return {"n": len(gone), "ok": 1}
-        raise AssertionError(f"SyntheticMongo does not know {name!r}")
+        raise AssertionError(f"SyntheticMongo does not know {name!r} {command}")
 
-    def _batch(self, size, key):
-        numbers = range(self._next, min(self._next + size, len(self.metadata_ids)))
-        self._next = numbers.stop
+    def _images(self, limit):
+        while (self._first_present < len(self.metadata_ids)
+               and self.metadata_ids[self._first_present] not in self.present["images"]):
+            self._first_present += 1
+        end = len(self.metadata_ids)
+        if limit:
+            end = min(self._first_present + limit, end)
         # image_id as an ObjectId, as other writers store it: spelling a
         # million ids out as hex would cost this stand-in most of the test.
         documents = [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
-                     for i in numbers]
-        return {"id": Int64(1 if len(numbers) == size else 0), "ns": "CatalogServiceDB.images",
-                key: documents}
+                     for i in range(self._first_present, end)]
+        return {"id": Int64(0), "ns": "CatalogServiceDB.images", "firstBatch": documents}
 
 
 def _serve_synthetic(model_id, images, ports):

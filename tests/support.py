@@ -38,6 +38,18 @@ def upload(db, model_id, data=IMAGE):
     return store.store_image(db, model_id, data)
 
 
+def store_under_hex_string_id(db, model_id):
+    """An image whose GridFS file has the hex string as its ``_id``, as
+    some writers store it: GridFS allows any ``_id``."""
+    file_id = str(ObjectId())
+    uploaded = datetime.datetime.now(datetime.timezone.utc)
+    db["fs.files"].insert_one({"_id": file_id, "filename": f"{model_id}.jpg", "length": 4,
+                               "chunkSize": 261120, "uploadDate": uploaded})
+    db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"jpeg"})
+    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id, "model_id": model_id})
+    return file_id
+
+
 def images_of(db, model_id):
     return list(db.images.find({"model_id": model_id}))
 
@@ -51,7 +63,7 @@ def everything(db):
 def model_data(db, model_id):
     """A model's metadata, files and chunks, to show it was left untouched."""
     metadata = images_of(db, model_id)
-    file_ids = [ObjectId(d["image_id"]) for d in metadata]
+    file_ids = [store.referenced_file_id(d["image_id"]) for d in metadata]
     return (metadata, list(db["fs.files"].find({"_id": {"$in": file_ids}})),
             list(db["fs.chunks"].find({"files_id": {"$in": file_ids}})))
 

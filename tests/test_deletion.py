@@ -22,7 +22,7 @@ import image_service_client as client_cli
 import image_service_pb2 as pb2
 import image_service_server as server
 import image_service_settings as service_settings
-from mongo_standins import closed_port, silent_socket, synthetic_mongo
+from mongo_standins import WireMongo, closed_port, silent_socket, synthetic_mongo
 from support import (
     HERE,
     IMAGE,
@@ -36,6 +36,7 @@ from support import (
     model_data,
     serving,
     serving_on,
+    store_under_hex_string_id,
     upload,
 )
 
@@ -271,36 +272,53 @@ def test_one_line_is_logged_per_call(database, stub, caplog):
     assert "model_id='chair' outcome=OUTCOME_DELETED deleted_images=1 deleted_files=1 ms=" in line
 
 
-def test_a_delete_costs_four_commands_whatever_the_number_of_images(wire):
+ONE_ROUND = ["find", "find", "delete", "delete", "delete"]  # read, reference check, files, chunks, metadata
+
+
+def test_a_delete_costs_six_commands_whatever_the_number_of_images_in_a_round(wire):
     for _ in range(25):
         upload(wire.db, "chair")
     with serving_on(wire.client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert reply.deleted_images == 25
-    assert wire.names() == ["find", "delete", "delete", "delete"]
+    assert wire.names() == [*ONE_ROUND, "find"]  # and a last read that finds none left
 
 
 def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
     upload(wire.db, "chair")
     with serving_on(wire.client()) as (stub_, _, _):
         delete(stub_, "chair")
-    find, files, chunks, metadata = wire.commands
+    read, check, files, chunks, metadata, last_read = wire.commands
+    assert (read["find"], check["find"], last_read["find"]) == ("images", "images", "images")
+    assert "image_id" in str(check["filter"])  # other models' references to the files
     assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
     assert set(metadata["deletes"][0]["q"]) == {"_id"}
 
 
-def test_a_model_with_a_million_images_is_deleted_completely_with_exact_counts():
+def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exact_totals():
+    default_budget_s = service_settings.Config.mongo_timeout_s
     with (synthetic_mongo("huge", 1_000_000) as uri,
-          pymongo.MongoClient(uri, serverSelectionTimeoutMS=60_000) as client):
-        (reply,) = server.delete_and_describe(client["CatalogServiceDB"], ["huge"], time.monotonic() + 120)
-        report = client.admin.command("report")
-    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1_000_000, 1_000_000)
+          serving_on(pymongo.MongoClient(uri), mongo_timeout_s=default_budget_s) as (stub_, _, _)):
+        replies = []
+        while not replies or not replies[-1].success:
+            replies.append(stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="huge"), timeout=60))
+            assert len(replies) < 100, "no progress"
+        with pymongo.MongoClient(uri) as client:
+            report = client.admin.command("report")
+    assert sum(reply.deleted_images for reply in replies) == 1_000_000
+    assert sum(reply.deleted_files for reply in replies) == 1_000_000
     assert report["present"] == {"images": 0, "fs.files": 0, "fs.chunks": 0}
-    # 4 commands per 100,000 images (and a last, empty getMore), files before chunks before metadata:
-    assert [(name, collection) for name, collection, _ in report["commands"]] == (
-        [("find", "images")] + [("getMore", "1")] * 10 + [("delete", "fs.files")] * 10
-        + [("delete", "fs.chunks")] * 10 + [("delete", "images")] * 10)
+    cut_short = replies[:-1]
+    assert all(not reply.success and reply.outcome in (pb2.OUTCOME_INCOMPLETE, pb2.OUTCOME_UNAVAILABLE)
+               for reply in cut_short)
+    assert all(reply.deleted_images > 0 for reply in cut_short), "every call makes progress"
     assert max(size for _, _, size in report["commands"]) < 2 * 1024 * 1024  # MongoDB's limit: 16 MB
+    if all(reply.outcome == pb2.OUTCOME_INCOMPLETE for reply in cut_short):  # no round was cut midway
+        commands = [(name, collection) for name, collection, _ in report["commands"]]
+        one_round = [("find", "images"), ("find", "images"), ("delete", "fs.files"), ("delete", "fs.chunks"),
+                     ("delete", "images")]
+        # 100 rounds of 10,000, whatever the number of calls, then the read that finds none left:
+        assert commands == one_round * 100 + [("find", "images")]
 
 
 def test_a_model_without_images_costs_one_read(wire):
@@ -309,16 +327,19 @@ def test_a_model_without_images_costs_one_read(wire):
     assert wire.names() == ["find"]
 
 
-def test_an_image_uploaded_during_the_delete_is_left_whole(wire):
+@pytest.mark.parametrize("command", [2, 3, 4, 5], ids=["check", "delete-files", "delete-chunks",
+                                                       "delete-metadata"])
+def test_an_image_uploaded_during_the_delete_is_deleted_too_before_success_is_answered(wire, command):
     upload(wire.db, "chair")
-    late = {}
-    wire.faults[2] = lambda: late.setdefault("file_id", upload(wire.db, "chair"))
+    upload(wire.db, "table")
+    bystander = model_data(wire.db, "table")
+    wire.faults[command] = lambda: upload(wire.db, "chair")
     with serving_on(wire.client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
-    assert reply.deleted_images == 1
-    (survivor,) = images_of(wire.db, "chair")
-    assert survivor["image_id"] == str(late["file_id"])
-    assert wire.db["fs.chunks"].count_documents({"files_id": late["file_id"]}) == 2
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 2)
+    assert images_of(wire.db, "chair") == []
+    assert wire.names() == [*ONE_ROUND, *ONE_ROUND, "find"]
+    assert model_data(wire.db, "table") == bystander
     assert_store_consistent(wire.db)
 
 
@@ -434,7 +455,7 @@ def test_a_dry_run_sends_no_write_command(wire):
         stub_.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["chair", "table"],
                                                              validate_only=True),
                                      timeout=10)
-    assert wire.names() == ["find", "find", "find", "find"]
+    assert wire.names() == ["find"] * 6  # each: the read, the reference check, the files' lengths
 
 
 def test_the_client_can_ask_for_a_dry_run(database, capsys):
@@ -471,12 +492,15 @@ def test_an_invalid_id_in_a_batch_fails_alone(database, stub):
     assert images_of(database, "chair") == []
 
 
-def test_duplicate_ids_in_a_batch_each_get_the_same_result(database, stub):
+def test_a_model_named_twice_in_a_batch_is_deleted_and_counted_once(database, stub):
     upload(database, "chair")
     upload(database, "chair")
     first, second = delete_batch(stub, ["chair", "chair"])
-    assert first == second
-    assert (first.deleted_images, first.deleted_files) == (2, 2)
+    assert (first.success, first.outcome, first.deleted_images, first.deleted_files) == (
+        True, pb2.OUTCOME_DELETED, 2, 2)
+    assert (second.success, second.outcome, second.deleted_images, second.deleted_files) == (
+        True, pb2.OUTCOME_DELETED, 0, 0)
+    assert second.model_id == "chair" and "named earlier in this batch" in second.message
 
 
 def test_an_empty_batch_answers_no_results(database, stub):
@@ -505,14 +529,14 @@ def test_a_batch_shares_out_what_was_removed_when_files_were_already_gone(databa
 
 
 @pytest.mark.parametrize("models", [40, 1000])
-def test_a_batch_costs_four_commands_whatever_its_size(wire, models):
+def test_a_batch_costs_six_commands_whatever_its_size(wire, models):
     for i in range(models):
         upload(wire.db, f"model-{i}", data=b"jpeg")
         upload(wire.db, f"model-{i}", data=b"jpeg")
     with serving_on(wire.client(), mongo_timeout_s=60) as (stub_, _, _):
         results = delete_batch(stub_, [f"model-{i}" for i in range(models)], timeout=60)
     assert {(r.deleted_images, r.deleted_files) for r in results} == {(2, 2)}
-    assert wire.names() == ["find", "delete", "delete", "delete"]
+    assert wire.names() == [*ONE_ROUND, "find"]
     assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -522,7 +546,7 @@ def test_the_client_sends_several_ids_as_one_batch(wire, capsys):
     with serving_on(wire.client()) as (_, running, _):
         code = client_cli.main(["chair", "table", "sofa", "--address", f"127.0.0.1:{running.port}"])
     assert code == 0 and len(capsys.readouterr().out.splitlines()) == 3
-    assert wire.names() == ["find", "delete", "delete", "delete"]
+    assert wire.names() == [*ONE_ROUND, "find"]
 
 
 def leftovers(db, model_id):
@@ -620,3 +644,175 @@ def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method,
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert delete(stub_, "no-such-model").outcome == pb2.OUTCOME_NOTHING_TO_DELETE
     assert len(images_of(db, "chair")) == 1
+
+
+# ---------------------------------------------------------------------------
+# Exactly what is the model's, whatever the data (issue 15)
+# ---------------------------------------------------------------------------
+
+
+def reference_to(file_id, spelling):
+    """``file_id`` spelled as a writer other than the upload service might."""
+    return {"hex": str(file_id), "objectid": file_id, "upper case": str(file_id).upper(),
+            "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n"}[spelling]
+
+
+@pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab"])
+def test_a_file_another_model_still_references_is_kept_and_the_reply_says_so(database, stub, spelling):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": reference_to(shared, spelling),
+                                "model_id": "table"})
+    table = model_data(database, "table")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.outcome, reply.deleted_images, reply.deleted_files) == (
+        True, pb2.OUTCOME_DELETED, 1, 0)
+    assert "kept 1 file still referenced by another model" in reply.message
+    assert images_of(database, "chair") == []
+    assert database["fs.chunks"].count_documents({"files_id": shared}) == 2
+    assert model_data(database, "table") == table
+
+
+def test_an_image_whose_model_id_is_an_array_is_another_models_and_keeps_its_file(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "both.jpg", "image_id": str(shared), "model_id": ["chair", "table"]})
+    own = upload(database, "both")
+    database.images.update_one({"image_id": str(own)}, {"$set": {"model_id": ["chair", "table"]}})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.deleted_images, reply.deleted_files) == (1, 0)
+    assert sorted(d["image_id"] for d in database.images.find()) == sorted([str(shared), str(own)])
+    assert database["fs.files"].count_documents({}) == 2
+
+
+def test_the_last_model_to_reference_a_shared_file_deletes_it(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+    delete(stub, "chair")
+
+    reply = delete(stub, "table")
+
+    assert (reply.deleted_images, reply.deleted_files) == (1, 1)
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_dry_run_says_which_files_it_would_keep(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+    before = everything(database)
+
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                      timeout=10)
+
+    assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (1, 0, 0)
+    assert "would keep 1 file referenced by another model" in reply.message
+    assert everything(database) == before
+
+
+def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(database, stub):
+    store_under_hex_string_id(database, "chair")
+    upload(database, "table")
+    table = model_data(database, "table")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 1)
+    assert "already gone" not in reply.message
+    assert database["fs.files"].count_documents({"filename": "chair.jpg"}) == 0
+    assert database["fs.chunks"].count_documents({"data": b"jpeg"}) == 0
+    assert model_data(database, "table") == table
+
+
+def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub):
+    store_under_hex_string_id(database, "chair")
+
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                      timeout=10)
+
+    assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (1, 1, 4)
+
+
+def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gone(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+
+    chair, table = delete_batch(stub, ["chair", "table"])
+
+    assert (chair.deleted_images, chair.deleted_files) == (1, 1)
+    assert (table.deleted_images, table.deleted_files) == (1, 0)
+    assert "1 file shared with a model earlier in this batch, counted there" in table.message
+    assert "gone" not in chair.message + table.message
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    for _ in range(5):
+        upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 5, 5)
+    assert wire.names() == [*ONE_ROUND, *ONE_ROUND, *ONE_ROUND, "find"]  # 2 + 2 + 1, and none left
+    reads = [command for command in wire.commands if "model_id" in command.get("filter", {})]
+    assert [read["limit"] for read in reads] == [2] * 4
+
+
+def test_a_call_whose_time_runs_out_between_rounds_says_how_much_it_removed_and_the_next_finishes(
+        wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    for _ in range(5):
+        upload(wire.db, "chair")
+    slow = threading.Event()
+    # The first round takes most of a 1 s budget: no time for a second.
+    wire.faults[1] = lambda: slow.wait(0.6)
+    with serving_on(wire.client(), mongo_timeout_s=1.0) as (stub_, _, _):
+        first = delete(stub_, "chair")
+        second = delete(stub_, "chair")
+    assert (first.success, first.outcome, first.deleted_images, first.deleted_files) == (
+        False, pb2.OUTCOME_INCOMPLETE, 2, 2)
+    assert "more images remain" in first.message and "call again" in first.message
+    assert (second.success, second.deleted_images, second.deleted_files) == (True, 3, 3)
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+@pytest.mark.parametrize("command", [3, 4, 5], ids=["delete-files", "delete-chunks", "delete-metadata"])
+def test_a_failure_midway_still_reports_what_was_removed_before_it(wire, command):
+    for _ in range(2):
+        upload(wire.db, "chair")
+    wire.faults[command] = "error"
+    with serving_on(wire.client()) as (stub_, _, _):
+        failed = delete(stub_, "chair")
+        retried = delete(stub_, "chair")
+    removed_files = 2 if command > 3 else 0
+    assert (failed.success, failed.outcome, failed.deleted_images, failed.deleted_files) == (
+        False, pb2.OUTCOME_INTERNAL, 0, removed_files)
+    assert (retried.success, retried.deleted_images, retried.deleted_files) == (True, 2, 2 - removed_files)
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+class Mongos(WireMongo):
+    """WireMongo answering as a mongos, which passes a read preference on
+    to the shards: the driver then says in each command where it may read."""
+
+    HELLO = {**WireMongo.HELLO, "msg": "isdbgrid"}
+
+
+def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
+    stand_in = Mongos()
+    try:
+        upload(stand_in.db, "chair")
+        uri = stand_in.uri + "&readPreference=secondaryPreferred"
+        config = service_settings.load_config({"MONGO_URI": uri})
+        db, _ = server.open_database(config, in_memory=False)
+        with serving(db) as (stub_, _, _):
+            stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                       timeout=10)
+            reply = delete(stub_, "chair")
+    finally:
+        stand_in.stop()
+    assert reply.success
+    reads = [command for command in stand_in.commands if "find" in command]
+    assert len(reads) == 6  # the dry run's 3, the delete's 3
+    assert all(command.get("$readPreference", {"mode": "primary"})["mode"] == "primary" for command in reads)

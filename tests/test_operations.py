@@ -25,12 +25,14 @@ from support import (
     a_second_later,
     assert_store_consistent,
     delete,
+    delete_batch,
     everything,
     images_of,
     model_data,
     run_server_process,
     serving,
     serving_on,
+    store_under_hex_string_id,
     sweep,
     upload,
 )
@@ -87,20 +89,21 @@ def test_mongodb_commands_are_timed_from_the_drivers_own_monitoring(wire):
     with serving_on(client, metrics=metrics, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
         delete(stub_, "chair")
         _, samples = scrape(running.running.metrics_port)
-    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "find"),)] == 1
+    assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "find"),)] == 3
     assert samples["image_service_mongodb_command_duration_seconds_count", (("command", "delete"),)] == 3
 
 
 def test_missing_indexes_are_warned_about_once_mongodb_answers(database, service_log):
     with serving(database):
         warnings = [r.getMessage() for r in service_log.records if r.getMessage().startswith("index missing")]
-    assert len(warnings) == 2
+    assert len(warnings) == 3
     assert warnings[0].startswith("index missing on images {model_id: 1}: every delete scans")
-    assert warnings[1].startswith("index missing on fs.chunks {files_id: 1, n: 1}")
+    assert warnings[1].startswith("index missing on images {image_id: 1}: every delete scans")
+    assert warnings[2].startswith("index missing on fs.chunks {files_id: 1, n: 1}")
     assert all("--create-indexes" in warning for warning in warnings)
 
 
-def test_create_indexes_creates_both_and_can_be_run_again(tmp_path, wire):
+def test_create_indexes_creates_all_three_and_can_be_run_again(tmp_path, wire):
     for _ in range(2):
         done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
         assert done.returncode == 0, done.stderr
@@ -269,3 +272,53 @@ def test_a_sweep_that_cannot_reach_mongodb_says_so_and_exits_1(tmp_path):
     assert done.returncode == 1
     assert "sweep failed, nothing more was changed: ServerSelectionTimeoutError" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_the_sweep_calls_a_file_under_its_hex_string_id_neither_unreferenced_nor_dangling():
+    db = mongomock.MongoClient().db
+    file_id = store_under_hex_string_id(db, "chair")
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report == orphan_sweep.OrphanReport([], [], [])
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed == {"chunks": 0, "images": 0, "files": 0}
+    assert db["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+def test_apply_files_keeps_a_file_under_its_hex_string_id_referenced_since_the_scan():
+    db = mongomock.MongoClient().db
+    file_id = store_under_hex_string_id(db, "chair")
+    db.images.delete_many({})
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report.unreferenced_file_ids == [file_id]
+    db.images.insert_one({"name": "chair.jpg", "image_id": file_id.upper(), "model_id": "chair"})
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+    assert removed["files"] == 0 and db["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+def test_a_delete_whose_caller_has_gone_is_still_counted_when_its_work_ends(wire, service_log):
+    upload(wire.db, "chair")
+    wire.hang()
+    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=1, metrics_port=0,
+                    metrics_host="127.0.0.1") as (stub_, running, _):
+        call = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"))
+        assert wire.arrivals.acquire(timeout=10)  # the read is held at MongoDB
+        call.cancel()
+        service_log.wait_for("status=CANCELLED")
+        wire.recover()
+        # The one database thread takes this only once the delete is done.
+        running.running.database_threads.submit(lambda: None).result(timeout=10)
+        _, samples = scrape(running.running.metrics_port)
+    assert images_of(wire.db, "chair") == []
+    assert samples["image_service_images_deleted_total", ()] == 1
+    assert samples["image_service_files_deleted_total", ()] == 1
+    assert samples["image_service_deletions_total", (("outcome", "OUTCOME_DELETED"),)] == 1
+
+
+def test_a_model_named_twice_in_a_batch_is_counted_once_in_the_metrics(database):
+    upload(database, "chair")
+    upload(database, "chair")
+    with serving(database, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
+        delete_batch(stub_, ["chair", "chair"])
+        _, samples = scrape(running.running.metrics_port)
+    assert samples["image_service_images_deleted_total", ()] == 2
+    assert samples["image_service_files_deleted_total", ()] == 2
