@@ -473,7 +473,8 @@ async def start_server(config, db, servicer=None, metrics=None):
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     monitor = MongoHealthMonitor(health_servicer, ("", SERVICE_NAME), db, config.health_interval_s,
-                                 min(config.health_interval_s, config.mongo_timeout_s), metrics.mongodb_up)
+                                 min(config.health_interval_s, config.mongo_timeout_s), metrics.mongodb_up,
+                                 index_check_timeout_s=config.mongo_timeout_s)
     await server.start()
     monitor.start()
     endpoint = None
