@@ -214,7 +214,8 @@ def parse_mongo_uri(uri):
         raise ConfigError(f"MONGO_URI: the password is shorter than {MIN_SECRET_LENGTH} characters")
     if parsed["options"].get("w") == 0:
         raise ConfigError("MONGO_URI: w=0 (unacknowledged writes) would leave every delete unverifiable;"
-                          " use w=1 or w=majority")
+                          " use w=majority (MongoDB's default since 5.0): a delete acknowledged with w=1"
+                          " can be rolled back after a failover, once success was answered")
     return {**parsed, "scheme": scheme}
 
 

@@ -121,6 +121,16 @@ def test_a_setting_that_would_fail_later_or_open_is_refused_at_start_up(env, mes
     assert "abc" not in str(refused.value)  # never the secret
 
 
+def test_w0_is_refused_suggesting_w_majority_and_why():
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.load_config({"MONGO_URI": "mongodb://db/?w=0"})
+    message = str(refused.value)
+    assert message.startswith("MONGO_URI: w=0 (unacknowledged writes)")
+    assert "use w=majority (MongoDB's default since 5.0)" in message and "w=1" in message
+    assert "rolled back after a failover" in message
+    assert "use w=1" not in message
+
+
 def test_a_password_with_uri_delimiters_is_accepted_and_never_described(tmp_path):
     config = service_settings.load_config({"MONGO_URI": "mongodb://svc:pa[ss]w0rd-0123456789@db1,db2:27018/"})
     assert service_settings.describe_database(config) == "mongodb://db1:27017,db2:27018/CatalogServiceDB"
