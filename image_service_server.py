@@ -59,6 +59,7 @@ from image_service_observability import CommandTimer, Metrics, MongoHealthMonito
 from image_service_settings import (
     ConfigError,
     check_listen_address,
+    check_listeners_apart,
     describe_database,
     host_in_uri,
     load_config,
@@ -590,6 +591,7 @@ def main(argv=None):
             check_listen_address(config.grpc_host, config.grpc_port)
             if config.metrics_port is not None:
                 check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
+                check_listeners_apart(config)
         command_timer = CommandTimer(metrics.mongodb_command_duration)
         db, database_description = open_database(config, args.in_memory, [command_timer])
     except ConfigError as error:

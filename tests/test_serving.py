@@ -551,6 +551,19 @@ def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_fo
         assert secret not in text
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_short_mongodb_password_is_blanked_from_the_formatted_log(root_logging, tmp_path, log_format):
+    config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "Zq9!x",
+                                           "LOG_FORMAT": log_format})
+    with open(tmp_path / "log", "w+") as stream:
+        observability.configure_logging(config, stream)
+        server.log.warning("auth failed for %s with password Zq9!x", config.mongo_uri)
+        stream.seek(0)
+        text = stream.read()
+    assert "auth failed for mongodb://svc:***@localhost:27017/?authSource=admin with password ***" in text
+    assert "Zq9" not in text
+
+
 def test_thousands_of_concurrent_deletes_succeed_or_are_shed_and_memory_stays_flat():
     import load_image_service as load
 
