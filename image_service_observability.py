@@ -127,8 +127,9 @@ class MongoHealthMonitor:
             with pymongo.timeout(self._index_check_timeout_s):
                 warn_about_missing_indexes(self._db)
         except Exception as error:  # Not health's business: deletes work without the check.
-            log.warning("could not check the indexes: %s: %s; serving regardless (the check needs the"
-                        " listIndexes action on %s)", type(error).__name__, _first_line(error), self._db.name)
+            hint = " (the check needs the listIndexes action)" if getattr(error, "code", None) == 13 else ""
+            log.warning("could not check the indexes: %s: %s; serving regardless%s", type(error).__name__,
+                        _first_line(error), hint)
 
     async def check(self):
         """Pings MongoDB once and publishes the result."""
