@@ -88,14 +88,20 @@ class CommandTimer(pymongo.monitoring.CommandListener):
 class MongoHealthMonitor:
     """Keeps the standard health service in step with MongoDB: SERVING while
     a ping answers within the timeout, NOT_SERVING while it does not. Pings
-    run on a thread of their own, so they never wait behind deletes."""
+    run on a thread of their own, so they never wait behind deletes.
 
-    def __init__(self, health_servicer, service_names, db, interval_s, timeout_s, up_gauge):
+    Once MongoDB first answers, the indexes are checked, once, apart from
+    health: a check that fails (a user whose role lacks ``listIndexes``, say)
+    is one WARNING that it could not check, and health stays about the ping."""
+
+    def __init__(self, health_servicer, service_names, db, interval_s, timeout_s, up_gauge,
+                 index_check_timeout_s=None):
         self._health = health_servicer
         self._service_names = service_names
         self._db = db
         self._interval_s = interval_s
         self._timeout_s = timeout_s
+        self._index_check_timeout_s = index_check_timeout_s or timeout_s
         self._up = up_gauge
         self._indexes_checked = False
         self.first_check_done = asyncio.Event()
@@ -114,9 +120,16 @@ class MongoHealthMonitor:
     def _ping(self):
         with pymongo.timeout(self._timeout_s):
             self._db.client.admin.command("ping")
-            if not self._indexes_checked:  # once, when MongoDB first answers
+
+    def _check_indexes(self):
+        """Warns about missing indexes; any failure to look is one warning."""
+        try:
+            with pymongo.timeout(self._index_check_timeout_s):
                 warn_about_missing_indexes(self._db)
-                self._indexes_checked = True
+        except Exception as error:  # Not health's business: deletes work without the check.
+            hint = " (the check needs the listIndexes action)" if getattr(error, "code", None) == 13 else ""
+            log.warning("could not check the indexes: %s: %s; serving regardless%s", type(error).__name__,
+                        _first_line(error), hint)
 
     async def check(self):
         """Pings MongoDB once and publishes the result."""
@@ -135,12 +148,23 @@ class MongoHealthMonitor:
                 log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
         for service in self._service_names:
             await self._health.set(service, status)
+        if status == health_pb2.HealthCheckResponse.SERVING and not self._indexes_checked:
+            self._indexes_checked = True  # once, when MongoDB first answers, however it ends
+            await asyncio.get_running_loop().run_in_executor(self._thread, self._check_indexes)
         self.first_check_done.set()
 
     async def _run(self):
         while True:
             await self.check()
             await asyncio.sleep(self._interval_s)
+
+
+def _first_line(error, limit=300):
+    """An error's message in one short line: the driver's own words, without
+    the reply document pymongo appends (", full error: {...}")."""
+    text = str(error).split(", full error:", 1)[0]
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text[:limit] + ("..." if len(text) > limit else "")
 
 
 class _JsonFormatter(logging.Formatter):

@@ -59,6 +59,7 @@ from image_service_observability import CommandTimer, Metrics, MongoHealthMonito
 from image_service_settings import (
     ConfigError,
     check_listen_address,
+    check_listeners_apart,
     describe_database,
     host_in_uri,
     load_config,
@@ -548,6 +549,7 @@ class RunningServer:
     admission: Admission
     database_threads: futures.Executor
     metrics_endpoint: object = None  # the HTTP server of /metrics, when on
+    hurried: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
     @property
     def metrics_port(self):
@@ -556,12 +558,20 @@ class RunningServer:
     async def stop(self, grace_s, delay_s=0.0):
         """The drain: NOT_SERVING at once; new calls still accepted for
         ``delay_s`` (so load balancers can notice); then none; calls in
-        flight get ``grace_s`` to finish, and the rest are abandoned."""
+        flight get ``grace_s`` to finish, and the rest are abandoned.
+        ``hurried`` (a second signal) cuts the delay and the grace short."""
         self.monitor.stop()
         await self.health.enter_graceful_shutdown()
-        await asyncio.sleep(delay_s)
+        hurried = asyncio.ensure_future(self.hurried.wait())
+        await asyncio.wait((hurried,), timeout=delay_s)
         self.admission.stopping = True
-        await self.server.stop(grace_s)
+        graceful = asyncio.ensure_future(self.server.stop(grace_s))
+        await asyncio.wait((graceful, hurried), return_when=asyncio.FIRST_COMPLETED)
+        hurried.cancel()
+        # When hurried, the calls still in flight are cancelled now (gRPC's
+        # stop may be called again with a shorter grace); otherwise, nothing.
+        await self.server.stop(None)
+        await graceful
         # Abandoned calls log as their cancellation reaches them.
         await self.admission.wait_idle(1.0)
         self.database_threads.shutdown(wait=False)  # A hung one ends within MONGO_TIMEOUT_MS.
@@ -612,7 +622,8 @@ async def start_server(config, db, servicer=None, metrics=None):
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
     monitor = MongoHealthMonitor(health_servicer, ("", SERVICE_NAME), db, config.health_interval_s,
-                                 min(config.health_interval_s, config.mongo_timeout_s), metrics.mongodb_up)
+                                 min(config.health_interval_s, config.mongo_timeout_s), metrics.mongodb_up,
+                                 index_check_timeout_s=config.mongo_timeout_s)
     await server.start()
     monitor.start()
     endpoint = None
@@ -669,7 +680,10 @@ async def serve(config, db, database_description, metrics):
     await asyncio.wait((drain, second_signal), return_when=asyncio.FIRST_COMPLETED)
     if not drain.done():
         log.warning("second signal: exiting now, without waiting for calls in flight")
-        running.admission.abandon_all()
+        running.hurried.set()  # the drain cancels the calls in flight now, each logged as it ends
+        await asyncio.wait((drain,), timeout=2.0)
+        running.admission.abandon_all()  # any its cancellation has not reached yet
+    second_signal.cancel()
     log.info("stopped")
 
 
@@ -719,6 +733,7 @@ def main(argv=None):
             check_listen_address(config.grpc_host, config.grpc_port)
             if config.metrics_port is not None:
                 check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
+                check_listeners_apart(config)
         command_timer = CommandTimer(metrics.mongodb_command_duration)
         db, database_description = open_database(config, args.in_memory, [command_timer])
     except ConfigError as error:

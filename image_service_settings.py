@@ -209,12 +209,10 @@ def parse_mongo_uri(uri):
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         reason = redact(first_line, _uri_passwords(uri))
         raise ConfigError(f"MONGO_URI: {reason}") from None
-    password = parsed.get("password")
-    if password and len(password) < MIN_SECRET_LENGTH:
-        raise ConfigError(f"MONGO_URI: the password is shorter than {MIN_SECRET_LENGTH} characters")
     if parsed["options"].get("w") == 0:
         raise ConfigError("MONGO_URI: w=0 (unacknowledged writes) would leave every delete unverifiable;"
-                          " use w=1 or w=majority")
+                          " use w=majority (MongoDB's default since 5.0): a delete acknowledged with w=1"
+                          " can be rolled back after a failover, once success was answered")
     return {**parsed, "scheme": scheme}
 
 
@@ -237,9 +235,8 @@ def _database_name(env):
 
 def load_config(env):
     """Reads and checks every setting; raises ConfigError naming the culprit."""
+    # The password, of any length: the database administrator chooses it, not this service.
     password = _text(env, "MONGO_PASSWORD")
-    if password and len(password) < MIN_SECRET_LENGTH:
-        raise ConfigError(f"MONGO_PASSWORD is shorter than {MIN_SECRET_LENGTH} characters")
     mongo_uri = build_mongo_uri(env)
     parse_mongo_uri(mongo_uri)
     cert, key = _file_bytes(env, "GRPC_TLS_CERT"), _file_bytes(env, "GRPC_TLS_KEY")
@@ -293,17 +290,43 @@ def check_listen_address(host, port, prefix="GRPC"):
     """Binds and lets go of the address, so that an unusable host or a port
     in use stops start-up naming PREFIX_HOST or PREFIX_PORT, before anything
     listens and before gRPC can print its own error lines."""
+    _bound(host, port, prefix).close()
+
+
+def _bound(host, port, prefix):
+    """A socket bound to the address as gRPC binds it (not listening), or
+    ConfigError naming PREFIX_HOST or PREFIX_PORT."""
     try:
         family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     except (socket.gaierror, UnicodeError):
         raise ConfigError(f"{prefix}_HOST: cannot resolve {host[:80]!r}") from None
-    with socket.socket(family, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+    probe = socket.socket(family, kind)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+    try:
+        probe.bind(address)
+    except OSError as error:
+        probe.close()
+        variable = f"{prefix}_PORT" if error.errno == errno.EADDRINUSE else f"{prefix}_HOST"
+        reason = error.strerror.lower()
+        raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {reason}") from None
+    return probe
+
+
+def check_listeners_apart(config):
+    """METRICS_PORT on GRPC_PORT, where the hosts overlap (the same address,
+    or 0.0.0.0 or :: and any), would fail only once gRPC listens: tried here
+    with gRPC's address listening, it stops start-up naming METRICS_PORT.
+    Port 0 picks a free port, which never clashes."""
+    port = config.metrics_port
+    if not port or port != config.grpc_port:
+        return
+    with _bound(config.grpc_host, port, "GRPC") as grpc_listener:
+        grpc_listener.listen()
         try:
-            probe.bind(address)
-        except OSError as error:
-            variable = f"{prefix}_PORT" if error.errno == errno.EADDRINUSE else f"{prefix}_HOST"
-            reason = error.strerror.lower()
-            raise ConfigError(f"{variable}: cannot listen on {host}:{port}: {reason}") from None
+            _bound(config.metrics_host, port, "METRICS").close()
+        except ConfigError:
+            raise ConfigError(f"METRICS_PORT: {port} is GRPC_PORT too, and METRICS_HOST"
+                              f" {config.metrics_host} overlaps GRPC_HOST {config.grpc_host};"
+                              " give metrics a port of its own") from None
 

@@ -42,8 +42,9 @@ class WireMongo:
     The real pymongo driver talks to it over a socket. It answers hello, ping,
     find, aggregate, insert and delete; counts the data commands; and can
     fail any of them by number (an error reply, or the connection dropped
-    before or after the command took effect), run a hook before one, or stop
-    answering until ``recover()``.
+    before or after the command took effect), run a hook before one, refuse
+    a command by name (``refused``, listIndexes included), or stop answering
+    until ``recover()``.
     """
 
     HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "minWireVersion": 0,
@@ -54,6 +55,7 @@ class WireMongo:
         self.db = mongomock.MongoClient()["CatalogServiceDB"]
         self.commands = []  # every data command received, as sent
         self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
+        self.refused = {}  # command name -> (code, codeName, errmsg): every such command gets this error
         self.answering = threading.Event()
         self.answering.set()
         self.arrivals = threading.Semaphore(0)  # released as each data command arrives
@@ -99,6 +101,9 @@ class WireMongo:
         with self._mockup._unlock():
             if name in ("endSessions", "killCursors"):
                 return request.ok()
+            if name in self.refused:
+                code, code_name, errmsg = self.refused[name]
+                return request.command_err(code=code, errmsg=errmsg, codeName=code_name)
             if name == "listIndexes":  # the index check, not a data command
                 return request.ok(cursor=self._indexes(request.doc[name]))
             if name != "ping":

@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import image_service_client as client_cli
+import image_service_observability as observability
 import image_service_pb2 as pb2
 import image_service_server as server
 import image_service_settings as service_settings
@@ -362,7 +363,7 @@ def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
     assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
-def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout(caplog):
+def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout():
     config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789",
                                  "MONGO_HOST": "127.0.0.1",
                                  "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
@@ -373,7 +374,21 @@ def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout
     assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
     assert reply.message == "database unavailable or too slow; retry later"
     assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
-    assert "s3cret" not in caplog.text
+
+
+def test_a_database_error_naming_the_password_is_logged_with_it_blanked(wire, root_logging, tmp_path):
+    config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw"})
+    wire.refused["find"] = (18, "AuthenticationFailed", f"cannot use {config.mongo_uri} (password s3cret@pw)")
+    with open(tmp_path / "log", "w+") as stream:
+        observability.configure_logging(config, stream)  # the real formatter, as the server writes
+        with serving_on(wire.client()) as (stub_, _, _):
+            reply = delete(stub_, "chair")
+        stream.seek(0)
+        text = stream.read()
+    assert reply.outcome == pb2.OUTCOME_INTERNAL
+    assert ("delete of 1 model(s) failed: OperationFailure: cannot use"
+            " mongodb://svc:***@localhost:27017/?authSource=admin (password ***)") in text
+    assert "s3cret" not in text
 
 
 def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):

@@ -1,6 +1,7 @@
 """Operating it: metrics, the index check and --create-indexes, the systemd
 unit, and the orphan sweep."""
 
+import logging
 import os
 import re
 import shutil
@@ -101,6 +102,42 @@ def test_missing_indexes_are_warned_about_once_mongodb_answers(database, service
     assert warnings[1].startswith("index missing on images {image_id: 1}: every delete scans")
     assert warnings[2].startswith("index missing on fs.chunks {files_id: 1, n: 1}")
     assert all("--create-indexes" in warning for warning in warnings)
+
+
+def test_a_missing_index_is_warned_about_once_however_many_pings(database, service_log):
+    with serving(database) as (_, running, _):
+        for _ in range(5):  # pings after the first
+            running.run(running.running.monitor.check())
+    warnings = [r.getMessage() for r in service_log.records if r.getMessage().startswith("index missing")]
+    assert len(warnings) == len(set(warnings)) == 3
+
+
+NOT_AUTHORIZED = (13, "Unauthorized", "not authorized on CatalogServiceDB to execute command"
+                                      " { listIndexes: \"images\", cursor: {}, $db: \"CatalogServiceDB\" }")
+
+
+def test_a_user_not_allowed_to_list_indexes_gets_serving_health_and_working_deletes(wire):
+    wire.refused["listIndexes"] = NOT_AUTHORIZED  # a role with find and remove only
+    upload(wire.db, "chair")
+    with serving_on(wire.client()) as (stub_, running, channel):
+        running.run(running.running.monitor.check())
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        reply = delete(stub_, "chair")
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert (reply.success, reply.deleted_images) == (True, 1)
+
+
+def test_an_index_check_not_authorized_is_one_warning_that_it_could_not_check(wire, service_log):
+    wire.refused["listIndexes"] = NOT_AUTHORIZED
+    with serving_on(wire.client()) as (_, running, _):
+        for _ in range(5):
+            running.run(running.running.monitor.check())
+    warnings = [r for r in service_log.records if r.levelno >= logging.WARNING]
+    (warning,) = warnings
+    assert warning.getMessage().startswith("could not check the indexes: OperationFailure: not authorized on"
+                                           " CatalogServiceDB to execute command { listIndexes:")
+    assert warning.getMessage().endswith("; serving regardless (the check needs the listIndexes action)")
+    assert "\n" not in warning.getMessage() and "full error" not in warning.getMessage()
 
 
 def test_create_indexes_creates_all_three_and_can_be_run_again(tmp_path, wire):

@@ -350,6 +350,29 @@ def test_a_second_signal_during_the_drain_exits_at_once(tmp_path):
     assert "second signal: exiting now" in running.log() and lines[-1].endswith("stopped")
 
 
+def test_a_second_sigterm_during_the_drain_logs_each_abandoned_call_once_and_stopped_last(tmp_path, wire):
+    running = ServerProcess(tmp_path, {"MONGO_URI": wire.uri, "MONGO_TIMEOUT_MS": "60000",
+                                       "SHUTDOWN_GRACE_S": "60", "HEALTH_CHECK_INTERVAL_S": "3600"})
+    updates = watch_health(running.channel)
+    assert wait_for_status(updates, SERVING)  # the one ping of the hour has answered
+    wire.hang()
+    stuck = running.stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=60)
+    assert wire.arrivals.acquire(timeout=10)
+    running.process.send_signal(signal.SIGTERM)
+    assert next(updates).status == NOT_SERVING  # the drain has begun, the delete waits on MongoDB
+    updates.cancel()
+    running.process.send_signal(signal.SIGTERM)
+    code = running.process.wait(timeout=20)
+    log_text = running.log()
+    lines = log_text.strip().splitlines()
+    assert code == 0
+    assert lines[-1].endswith("stopped")
+    assert len([line for line in lines if "abandoned at shutdown" in line and "'chair'" in line]) == 1
+    assert "Traceback" not in log_text and " ERROR " not in log_text and "status=UNKNOWN" not in log_text
+    with pytest.raises(grpc.RpcError):
+        stuck.result()
+
+
 def tls_settings(certificates, mutual=False):
     env = {"GRPC_TLS_CERT": certificates["cert"], "GRPC_TLS_KEY": certificates["key"]}
     if mutual:
@@ -526,6 +549,19 @@ def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_fo
     assert "failure" in text
     for secret in ("p@ss", "p%40ss", "tok-1-0123456789ab", "tok-2-0123456789ab"):
         assert secret not in text
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_short_mongodb_password_is_blanked_from_the_formatted_log(root_logging, tmp_path, log_format):
+    config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "Zq9!x",
+                                           "LOG_FORMAT": log_format})
+    with open(tmp_path / "log", "w+") as stream:
+        observability.configure_logging(config, stream)
+        server.log.warning("auth failed for %s with password Zq9!x", config.mongo_uri)
+        stream.seek(0)
+        text = stream.read()
+    assert "auth failed for mongodb://svc:***@localhost:27017/?authSource=admin with password ***" in text
+    assert "Zq9" not in text
 
 
 def test_thousands_of_concurrent_deletes_succeed_or_are_shed_and_memory_stays_flat():
