@@ -178,11 +178,13 @@ def build_mongo_uri(env):
     user, password = _text(env, "MONGO_USER"), _text(env, "MONGO_PASSWORD")
     if not user:
         if password:
-            raise ConfigError("MONGO_PASSWORD is set but MONGO_USER is not")
+            raise ConfigError("MONGO_PASSWORD is set but MONGO_USER is not; set MONGO_USER too, or unset"
+                              " MONGO_PASSWORD to connect without credentials")
         return f"mongodb://{host}:{port}/"
-    credentials = urllib.parse.quote_plus(user)
-    if password:
-        credentials += ":" + urllib.parse.quote_plus(password)
+    if not password:
+        raise ConfigError("MONGO_USER is set but MONGO_PASSWORD is not; set MONGO_PASSWORD too, or unset"
+                          " MONGO_USER to connect without credentials")
+    credentials = urllib.parse.quote_plus(user) + ":" + urllib.parse.quote_plus(password)
     auth_source = urllib.parse.quote_plus(_text(env, "MONGO_AUTH_SOURCE", "admin"))
     return f"mongodb://{credentials}@{host}:{port}/?authSource={auth_source}"
 

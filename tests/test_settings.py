@@ -29,6 +29,13 @@ def test_a_password_without_a_user_is_refused():
         service_settings.build_mongo_uri({"MONGO_PASSWORD": "x"})
 
 
+def test_a_user_without_a_password_is_refused_naming_the_settings_that_were_set():
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.load_config({"MONGO_USER": "catalog"})
+    assert str(refused.value) == ("MONGO_USER is set but MONGO_PASSWORD is not; set MONGO_PASSWORD too, or"
+                                  " unset MONGO_USER to connect without credentials")
+
+
 def test_mongo_uri_overrides_the_parts():
     env = {"MONGO_URI": "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/", "MONGO_HOST": "ignored"}
     assert service_settings.load_config(env).mongo_uri == "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/"
