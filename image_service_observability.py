@@ -11,6 +11,7 @@ import asyncio
 import collections
 import json
 import logging
+import re
 import sys
 from concurrent import futures
 
@@ -20,7 +21,7 @@ import pymongo.monitoring
 from grpc_health.v1 import health_pb2
 
 import image_service_pb2 as pb2
-from image_service_settings import redact
+from image_service_settings import host_in_uri, redact
 from image_service_store import warn_about_missing_indexes
 
 log = logging.getLogger("image_service.health")
@@ -85,6 +86,43 @@ class CommandTimer(pymongo.monitoring.CommandListener):
     failed = succeeded
 
 
+_SERVER_AT_START = re.compile(r"(?:^|,)(\[[0-9A-Fa-f:.%]+\]:\d+|[A-Za-z0-9_.-]+:\d+): ")
+SERVERS_NAMED = 3  # in one failure's line
+REASON_LIMIT = 120  # characters per server's reason
+
+
+def _short_reason(text):
+    """A driver's reason, bounded, as a phrase: "connection refused"."""
+    text = re.sub(r"\[Errno -?\d+\] ", "", text).strip(" ,")
+    if re.match(r"[A-Z][a-z]", text):
+        text = text[0].lower() + text[1:]
+    return text[:REASON_LIMIT] + ("..." if len(text) > REASON_LIMIT else "")
+
+
+def describe_failure(error):
+    """A MongoDB driver failure in one short line: each server it tried and
+    why, as in ``db1:27017: connection refused; db2:27017: timed out``.
+    Never the driver's topology dump or its configured timeouts, and never
+    credentials (driver messages name hosts, not users). For the health log
+    and a failed delete's warning; the full text belongs at DEBUG at most."""
+    full = str(error)
+    text = re.split(r", (?:Timeout: |Topology Description: |full error: )", full, maxsplit=1)[0]
+    text = re.sub(r"\s*\(configured timeouts:[^)]*\)", "", text)
+    text = text.splitlines()[0] if text.strip() else type(error).__name__
+    starts = list(_SERVER_AT_START.finditer(text))
+    if not starts:  # no server named its own reason, as in "No primary available for writes"
+        tried = [f"{host_in_uri(host)}:{port}"
+                 for host, port in re.findall(r"<ServerDescription \('([^']*)', (\d+)\)", full)]
+        more = f" (tried {', '.join(tried[:SERVERS_NAMED])}{', ...' if len(tried) > SERVERS_NAMED else ''})"
+        return _short_reason(text) + (more if tried else "")
+    ends = [start.start() for start in starts[1:]] + [len(text)]
+    servers = [f"{start[1]}: {_short_reason(text[start.end():end])}"
+               for start, end in zip(starts, ends, strict=True)]
+    if len(servers) > SERVERS_NAMED:
+        servers[SERVERS_NAMED:] = [f"...(+{len(servers) - SERVERS_NAMED} more)"]
+    return "; ".join(servers)
+
+
 class MongoHealthMonitor:
     """Keeps the standard health service in step with MongoDB: SERVING while
     a ping answers within the timeout, NOT_SERVING while it does not. Pings
@@ -125,14 +163,16 @@ class MongoHealthMonitor:
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception as error:  # Any failure to answer means not serving.
             status = health_pb2.HealthCheckResponse.NOT_SERVING
-            problem = type(error).__name__
+            failure = error
         self._up.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
         if status != self._last_status:  # Log the changes, not every ping.
             self._last_status = status
             if status == health_pb2.HealthCheckResponse.SERVING:
                 log.info("health: SERVING, MongoDB answers")
             else:
-                log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
+                log.warning("health: NOT_SERVING, MongoDB does not answer a ping: %s",
+                            describe_failure(failure))
+                log.debug("health: the ping failed: %s: %s", type(failure).__name__, failure)
         for service in self._service_names:
             await self._health.set(service, status)
         self.first_check_done.set()

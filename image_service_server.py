@@ -55,7 +55,13 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_sweep as sweep
 from image_service_calls import CURRENT_CALL, Admission, BearerTokenInterceptor, CallInterceptor
-from image_service_observability import CommandTimer, Metrics, MongoHealthMonitor, configure_logging
+from image_service_observability import (
+    CommandTimer,
+    Metrics,
+    MongoHealthMonitor,
+    configure_logging,
+    describe_failure,
+)
 from image_service_settings import (
     ConfigError,
     check_listen_address,
@@ -587,7 +593,7 @@ def main(argv=None):
         try:
             create_indexes(db)
         except pymongo.errors.PyMongoError as error:
-            reason = redact(str(error).splitlines()[0], config.secrets)
+            reason = redact(describe_failure(error), config.secrets)
             print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
             return 1
         print(f"indexes present on {database_description}: images {{model_id: 1}},"
@@ -597,7 +603,9 @@ def main(argv=None):
         try:
             sweep.run_sweep(db, args)
         except pymongo.errors.PyMongoError as error:
-            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__, error)
+            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__,
+                      describe_failure(error))
+            log.debug("sweep: the driver said: %s", error)
             return 1
         return 0
     if args.in_memory:

@@ -100,6 +100,27 @@ def test_missing_indexes_are_warned_about_once_mongodb_answers(database, service
     assert all("--create-indexes" in warning for warning in warnings)
 
 
+def test_a_driver_failure_is_one_short_line_naming_each_host_and_its_reason():
+    ports = closed_port(), closed_port()
+    uri = f"mongodb://svc:secret-0123456789abcdef@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/"
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=200) as client, \
+            pytest.raises(pymongo.errors.ServerSelectionTimeoutError) as failed:
+        client.admin.command("ping")
+    described = observability.describe_failure(failed.value)
+    assert set(described.split("; ")) == {f"127.0.0.1:{port}: connection refused" for port in ports}
+    assert len(str(failed.value)) > 600  # the driver's own text, topology dump and all
+
+
+def test_a_failure_naming_no_server_names_the_servers_it_tried():
+    error = pymongo.errors.ServerSelectionTimeoutError(
+        "No replica set members available for writes, Timeout: 5.0s, Topology Description:"
+        " <TopologyDescription id: 1, topology_type: ReplicaSetNoPrimary, servers:"
+        " [<ServerDescription ('db1.internal', 27017) server_type: RSSecondary, rtt: 0.001>,"
+        " <ServerDescription ('::1', 27018) server_type: RSSecondary, rtt: 0.001>]>")
+    assert observability.describe_failure(error) == (
+        "no replica set members available for writes (tried db1.internal:27017, [::1]:27018)")
+
+
 def test_create_indexes_creates_both_and_can_be_run_again(tmp_path, wire):
     for _ in range(2):
         done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
@@ -115,6 +136,14 @@ def test_create_indexes_without_mongodb_says_so_in_one_line_and_exits_1(tmp_path
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("cannot create the indexes: ServerSelectionTimeoutError")
+
+
+def test_create_indexes_without_mongodb_names_the_host_and_the_reason_and_no_topology(tmp_path):
+    port = closed_port()
+    done = run_server_process({"MONGO_URI": f"mongodb://127.0.0.1:{port}/", "MONGO_TIMEOUT_MS": "300"},
+                              "--create-indexes", cwd=tmp_path)
+    assert done.stderr.strip() == ("cannot create the indexes: ServerSelectionTimeoutError:"
+                                   f" 127.0.0.1:{port}: connection refused")
 
 
 UNIT = os.path.join(HERE, "deploy", "image-service.service")

@@ -190,6 +190,16 @@ def test_health_follows_mongodb_down_and_back_up(service):
             stand_in.stop()
 
 
+def test_health_names_the_host_and_the_reason_when_mongodb_does_not_answer(service_log):
+    port = closed_port()
+    mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                serverSelectionTimeoutMS=100)
+    with serving_on(mongo, mongo_timeout_s=0.2):
+        record = service_log.wait_for("health: NOT_SERVING")
+    assert record.getMessage() == (
+        f"health: NOT_SERVING, MongoDB does not answer a ping: 127.0.0.1:{port}: connection refused")
+
+
 def test_health_reports_not_serving_as_soon_as_shutdown_begins(database):
     with serving(database) as (_, running, channel):
         updates = watch_health(channel, "image_service.ImageService")
