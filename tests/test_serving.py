@@ -302,6 +302,25 @@ def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(databas
     assert (reply.success, reply.deleted_images) == (True, 1)
 
 
+def test_a_call_past_its_deadline_is_logged_and_counted_as_deadline_exceeded(wire, service_log):
+    metrics = observability.Metrics()
+    with serving_on(wire.client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=1) as (
+            stub_, _, _):
+        wire.hang()
+        holding = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)
+        assert wire.arrivals.acquire(timeout=10)  # the one database thread is held
+        with pytest.raises(grpc.RpcError) as expired:
+            stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="late"), timeout=0.3)
+        line = service_log.wait_for("model_id='late'").getMessage()
+        holding.cancel()
+        wire.recover()
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert line.startswith("DeleteImageByModelId status=DEADLINE_EXCEEDED request_id=")
+    assert metrics.registry.get_sample_value("grpc_server_call_duration_seconds_count", {
+        "grpc_method": "image_service.ImageService/DeleteImageByModelId",
+        "grpc_status": "DEADLINE_EXCEEDED"}) == 1
+
+
 def test_a_cancelled_call_frees_its_admission_slot_at_once(wire):
     mongo = wire.client(timeout_ms=30_000)
     with serving_on(mongo, mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, running, _):
