@@ -66,6 +66,7 @@ from image_service_settings import (
     ConfigError,
     check_listen_address,
     describe_database,
+    dotenv_permission_warning,
     host_in_uri,
     load_config,
     read_environment,
@@ -589,6 +590,9 @@ def main(argv=None):
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config)
+    dotenv_warning = dotenv_permission_warning()
+    if dotenv_warning:
+        log.warning("%s", dotenv_warning)
     if args.create_indexes:
         try:
             create_indexes(db)
