@@ -12,7 +12,11 @@ import collections
 import json
 import logging
 import re
+import socket
+import socketserver
 import sys
+import threading
+import wsgiref.simple_server
 from concurrent import futures
 
 import prometheus_client
@@ -69,6 +73,34 @@ class Metrics:
             self.deletions.labels(pb2.Outcome.Name(outcome)).inc(number)
         self.images_deleted.inc(sum(reply.deleted_images for reply in replies))
         self.files_deleted.inc(sum(reply.deleted_files for reply in replies))
+
+
+class _MetricsHTTPServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per scrape on stderr
+        pass
+
+
+def start_metrics_endpoint(host, port, registry):
+    """Serves ``registry`` at ``/metrics`` (and nowhere else: 404) on a
+    thread of its own; returns the HTTP server (``server_port``, ``shutdown``)."""
+    metrics_app = prometheus_client.make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found; the metrics are at /metrics\n"]
+
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+    httpd = wsgiref.simple_server.make_server(address[0], address[1], app, server_class, _QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
 
 
 class CommandTimer(pymongo.monitoring.CommandListener):

@@ -44,7 +44,6 @@ from concurrent import futures
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
-import prometheus_client
 import pymongo
 import pymongo.errors
 from bson import ObjectId
@@ -61,6 +60,7 @@ from image_service_observability import (
     MongoHealthMonitor,
     configure_logging,
     describe_failure,
+    start_metrics_endpoint,
 )
 from image_service_settings import (
     ConfigError,
@@ -485,8 +485,7 @@ async def start_server(config, db, servicer=None, metrics=None):
     monitor.start()
     endpoint = None
     if config.metrics_port is not None:
-        endpoint, _ = prometheus_client.start_http_server(config.metrics_port, config.metrics_host,
-                                                          registry=metrics.registry)
+        endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, metrics.registry)
     return RunningServer(server, port, health_servicer, monitor, admission, database_threads, endpoint)
 
 

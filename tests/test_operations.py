@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.request
 
 import mongomock
@@ -68,6 +69,16 @@ def test_metrics_count_exactly_what_deletes_removed_and_name_no_model(database):
     assert samples["image_service_mongodb_up", ()] == 1
     assert samples["image_service_calls_in_flight", ()] == 0
     assert "secret-chair" not in text and "127.0.0.1" not in text
+
+
+@pytest.mark.parametrize("path", ["/", "/anything", "/metrics/more", "/favicon.ico"])
+def test_metrics_answer_only_at_metrics_and_404_elsewhere(path):
+    with serving(mongomock.MongoClient().db, metrics_port=0, metrics_host="127.0.0.1") as (_, running, _):
+        port = running.running.metrics_port
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+        assert "image_service_mongodb_up 1.0" in scrape(port)[0]
+    assert refused.value.code == 404
 
 
 def test_a_dry_run_moves_no_deletion_counter(database):
