@@ -244,9 +244,15 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(config, stream=None):
-    """Text (default) or JSON lines on stderr, never showing a secret."""
+    """Text (default) or JSON lines on stderr, never showing a secret; LOG_LEVEL
+    for the service's loggers, at most INFO's detail for the libraries'."""
     inner = (_JsonFormatter() if config.log_format == "json"
              else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter(inner, config.secrets))
-    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+    # Only the service's own loggers follow LOG_LEVEL down to DEBUG: the
+    # driver's (every command, every server selection), gRPC's and asyncio's
+    # DEBUG lines would bury them.
+    level = logging.getLevelName(config.log_level)
+    logging.basicConfig(level=max(level, logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("image_service").setLevel(level)

@@ -92,12 +92,13 @@ def certificates(tmp_path_factory):
 
 @pytest.fixture
 def root_logging():
-    """Puts the root logger back as it was after configure_logging."""
+    """Puts the root and the service's loggers back as they were after configure_logging."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, level, service_level = root.handlers[:], root.level, server.log.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    server.log.setLevel(service_level)
 
 
 @pytest.fixture(scope="module")

@@ -539,6 +539,19 @@ def test_json_logs_are_one_object_per_line(root_logging, tmp_path):
                                                                    "DeleteImageByModelId model_id='a\"b'")
 
 
+def test_log_level_debug_shows_the_services_debug_lines_but_not_the_libraries(root_logging, tmp_path):
+    config = service_settings.load_config({"LOG_LEVEL": "DEBUG"})
+    with open(tmp_path / "log", "w+") as stream:
+        observability.configure_logging(config, stream)
+        for name in ("pymongo.command", "pymongo.serverSelection", "pymongo.connection", "pymongo.topology",
+                     "grpc._cython.cygrpc", "asyncio", "image_service.calls", "image_service.health"):
+            logging.getLogger(name).debug("debug line of %s", name)
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    assert [line.split(" debug line of ")[1] for line in lines] == ["image_service.calls",
+                                                                    "image_service.health"]
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_passwords_and_tokens_never_reach_the_log(root_logging, tmp_path, log_format):
     config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": 'p@ss"word-0123456789',
