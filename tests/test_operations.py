@@ -132,6 +132,18 @@ def test_a_failure_naming_no_server_names_the_servers_it_tried():
         "no replica set members available for writes (tried db1.internal:27017, [::1]:27018)")
 
 
+def test_the_load_runs_own_store_has_the_indexes_so_no_index_is_warned_about(service_log):
+    import load_image_service as load
+
+    running, _ = load.start_in_memory(models=1, images=1, max_concurrent_rpcs=1)
+    try:
+        running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
+    finally:
+        running.stop(0)
+    service_log.wait_for("health: SERVING")
+    assert [r.getMessage() for r in service_log.records if "index missing" in r.getMessage()] == []
+
+
 def test_create_indexes_creates_both_and_can_be_run_again(tmp_path, wire):
     for _ in range(2):
         done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
