@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -167,6 +168,18 @@ def test_create_indexes_without_mongodb_names_the_host_and_the_reason_and_no_top
                               "--create-indexes", cwd=tmp_path)
     assert done.stderr.strip() == ("cannot create the indexes: ServerSelectionTimeoutError:"
                                    f" 127.0.0.1:{port}: connection refused")
+
+
+def test_a_real_mongodb_test_run_that_cannot_reach_it_stops_at_once_with_one_line():
+    port = closed_port()
+    uri = f"mongodb://catalog:pa%2Fss-0123456789abcdef@127.0.0.1:{port}/?authSource=admin"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=HERE, env={**os.environ, "TEST_MONGO_URI": uri}, capture_output=True, text=True,
+                          timeout=10)
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).strip().splitlines() == [
+        f"Exit: TEST_MONGO_URI mongodb://127.0.0.1:{port}/?authSource=admin does not answer within 3 s:"
+        f" 127.0.0.1:{port}: connection refused"]
 
 
 UNIT = os.path.join(HERE, "deploy", "image-service.service")
