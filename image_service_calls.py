@@ -136,7 +136,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         "the request body is not a valid message (bad bytes or invalid UTF-8)")
                 return await _run_behavior(_behavior_of(handler), request, context)
             except asyncio.CancelledError:
-                status = "CANCELLED"
+                # gRPC cancels a call whose deadline passed, as one whose caller hung up.
+                remaining = context.time_remaining()
+                status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
                 raise
             except grpc.aio.AbortError:
                 status = context.code().name if context.code() else "UNKNOWN"

@@ -11,7 +11,12 @@ import asyncio
 import collections
 import json
 import logging
+import re
+import socket
+import socketserver
 import sys
+import threading
+import wsgiref.simple_server
 from concurrent import futures
 
 import prometheus_client
@@ -20,7 +25,7 @@ import pymongo.monitoring
 from grpc_health.v1 import health_pb2
 
 import image_service_pb2 as pb2
-from image_service_settings import redact
+from image_service_settings import host_in_uri, redact
 from image_service_store import warn_about_missing_indexes
 
 log = logging.getLogger("image_service.health")
@@ -70,6 +75,34 @@ class Metrics:
         self.files_deleted.inc(sum(reply.deleted_files for reply in replies))
 
 
+class _MetricsHTTPServer(socketserver.ThreadingMixIn, wsgiref.simple_server.WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(wsgiref.simple_server.WSGIRequestHandler):
+    def log_message(self, format, *args):  # no line per scrape on stderr
+        pass
+
+
+def start_metrics_endpoint(host, port, registry):
+    """Serves ``registry`` at ``/metrics`` (and nowhere else: 404) on a
+    thread of its own; returns the HTTP server (``server_port``, ``shutdown``)."""
+    metrics_app = prometheus_client.make_wsgi_app(registry)
+
+    def app(environ, start_response):
+        if environ.get("PATH_INFO") == "/metrics":
+            return metrics_app(environ, start_response)
+        start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+        return [b"not found; the metrics are at /metrics\n"]
+
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    server_class = type("MetricsHTTPServer", (_MetricsHTTPServer,), {"address_family": family})
+    httpd = wsgiref.simple_server.make_server(address[0], address[1], app, server_class, _QuietHandler)
+    threading.Thread(target=httpd.serve_forever, name="metrics-http", daemon=True).start()
+    return httpd
+
+
 class CommandTimer(pymongo.monitoring.CommandListener):
     """Feeds the driver's own command monitoring into a histogram by command name."""
 
@@ -83,6 +116,43 @@ class CommandTimer(pymongo.monitoring.CommandListener):
         self._histogram.labels(event.command_name).observe(event.duration_micros / 1e6)
 
     failed = succeeded
+
+
+_SERVER_AT_START = re.compile(r"(?:^|,)(\[[0-9A-Fa-f:.%]+\]:\d+|[A-Za-z0-9_.-]+:\d+): ")
+SERVERS_NAMED = 3  # in one failure's line
+REASON_LIMIT = 120  # characters per server's reason
+
+
+def _short_reason(text):
+    """A driver's reason, bounded, as a phrase: "connection refused"."""
+    text = re.sub(r"\[Errno -?\d+\] ", "", text).strip(" ,")
+    if re.match(r"[A-Z][a-z]", text):
+        text = text[0].lower() + text[1:]
+    return text[:REASON_LIMIT] + ("..." if len(text) > REASON_LIMIT else "")
+
+
+def describe_failure(error):
+    """A MongoDB driver failure in one short line: each server it tried and
+    why, as in ``db1:27017: connection refused; db2:27017: timed out``.
+    Never the driver's topology dump or its configured timeouts, and never
+    credentials (driver messages name hosts, not users). For the health log
+    and a failed delete's warning; the full text belongs at DEBUG at most."""
+    full = str(error)
+    text = re.split(r", (?:Timeout: |Topology Description: |full error: )", full, maxsplit=1)[0]
+    text = re.sub(r"\s*\(configured timeouts:[^)]*\)", "", text)
+    text = text.splitlines()[0] if text.strip() else type(error).__name__
+    starts = list(_SERVER_AT_START.finditer(text))
+    if not starts:  # no server named its own reason, as in "No primary available for writes"
+        tried = [f"{host_in_uri(host)}:{port}"
+                 for host, port in re.findall(r"<ServerDescription \('([^']*)', (\d+)\)", full)]
+        more = f" (tried {', '.join(tried[:SERVERS_NAMED])}{', ...' if len(tried) > SERVERS_NAMED else ''})"
+        return _short_reason(text) + (more if tried else "")
+    ends = [start.start() for start in starts[1:]] + [len(text)]
+    servers = [f"{start[1]}: {_short_reason(text[start.end():end])}"
+               for start, end in zip(starts, ends, strict=True)]
+    if len(servers) > SERVERS_NAMED:
+        servers[SERVERS_NAMED:] = [f"...(+{len(servers) - SERVERS_NAMED} more)"]
+    return "; ".join(servers)
 
 
 class MongoHealthMonitor:
@@ -138,14 +208,16 @@ class MongoHealthMonitor:
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception as error:  # Any failure to answer means not serving.
             status = health_pb2.HealthCheckResponse.NOT_SERVING
-            problem = type(error).__name__
+            failure = error
         self._up.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
         if status != self._last_status:  # Log the changes, not every ping.
             self._last_status = status
             if status == health_pb2.HealthCheckResponse.SERVING:
                 log.info("health: SERVING, MongoDB answers")
             else:
-                log.warning("health: NOT_SERVING, MongoDB does not answer a ping (%s)", problem)
+                log.warning("health: NOT_SERVING, MongoDB does not answer a ping: %s",
+                            describe_failure(failure))
+                log.debug("health: the ping failed: %s: %s", type(failure).__name__, failure)
         for service in self._service_names:
             await self._health.set(service, status)
         if status == health_pb2.HealthCheckResponse.SERVING and not self._indexes_checked:
@@ -196,9 +268,15 @@ class _RedactingFormatter(logging.Formatter):
 
 
 def configure_logging(config, stream=None):
-    """Text (default) or JSON lines on stderr, never showing a secret."""
+    """Text (default) or JSON lines on stderr, never showing a secret; LOG_LEVEL
+    for the service's loggers, at most INFO's detail for the libraries'."""
     inner = (_JsonFormatter() if config.log_format == "json"
              else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter(inner, config.secrets))
-    logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
+    # Only the service's own loggers follow LOG_LEVEL down to DEBUG: the
+    # driver's (every command, every server selection), gRPC's and asyncio's
+    # DEBUG lines would bury them.
+    level = logging.getLevelName(config.log_level)
+    logging.basicConfig(level=max(level, logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("image_service").setLevel(level)

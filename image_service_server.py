@@ -44,7 +44,6 @@ from concurrent import futures
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
-import prometheus_client
 import pymongo
 import pymongo.errors
 from bson import ObjectId
@@ -55,12 +54,20 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_sweep as sweep
 from image_service_calls import CURRENT_CALL, Admission, BearerTokenInterceptor, CallInterceptor
-from image_service_observability import CommandTimer, Metrics, MongoHealthMonitor, configure_logging
+from image_service_observability import (
+    CommandTimer,
+    Metrics,
+    MongoHealthMonitor,
+    configure_logging,
+    describe_failure,
+    start_metrics_endpoint,
+)
 from image_service_settings import (
     ConfigError,
     check_listen_address,
     check_listeners_apart,
     describe_database,
+    dotenv_permission_warning,
     host_in_uri,
     load_config,
     read_environment,
@@ -628,8 +635,7 @@ async def start_server(config, db, servicer=None, metrics=None):
     monitor.start()
     endpoint = None
     if config.metrics_port is not None:
-        endpoint, _ = prometheus_client.start_http_server(config.metrics_port, config.metrics_host,
-                                                          registry=metrics.registry)
+        endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, metrics.registry)
     return RunningServer(server, port, health_servicer, monitor, admission, database_threads, endpoint)
 
 
@@ -740,11 +746,14 @@ def main(argv=None):
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
     configure_logging(config)
+    dotenv_warning = dotenv_permission_warning()
+    if dotenv_warning:
+        log.warning("%s", dotenv_warning)
     if args.create_indexes:
         try:
             create_indexes(db)
         except pymongo.errors.PyMongoError as error:
-            reason = redact(str(error).splitlines()[0], config.secrets)
+            reason = redact(describe_failure(error), config.secrets)
             print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
             return 1
         print(f"indexes present on {database_description}: {describe_indexes()}")
@@ -753,7 +762,9 @@ def main(argv=None):
         try:
             sweep.run_sweep(db, args)
         except pymongo.errors.PyMongoError as error:
-            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__, error)
+            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__,
+                      describe_failure(error))
+            log.debug("sweep: the driver said: %s", error)
             return 1
         return 0
     if args.in_memory:

@@ -19,6 +19,7 @@ import ssl
 import urllib.parse
 
 import dotenv
+import dotenv.parser
 import pymongo.uri_parser
 
 
@@ -178,11 +179,13 @@ def build_mongo_uri(env):
     user, password = _text(env, "MONGO_USER"), _text(env, "MONGO_PASSWORD")
     if not user:
         if password:
-            raise ConfigError("MONGO_PASSWORD is set but MONGO_USER is not")
+            raise ConfigError("MONGO_PASSWORD is set but MONGO_USER is not; set MONGO_USER too, or unset"
+                              " MONGO_PASSWORD to connect without credentials")
         return f"mongodb://{host}:{port}/"
-    credentials = urllib.parse.quote_plus(user)
-    if password:
-        credentials += ":" + urllib.parse.quote_plus(password)
+    if not password:
+        raise ConfigError("MONGO_USER is set but MONGO_PASSWORD is not; set MONGO_PASSWORD too, or unset"
+                          " MONGO_USER to connect without credentials")
+    credentials = urllib.parse.quote_plus(user) + ":" + urllib.parse.quote_plus(password)
     auth_source = urllib.parse.quote_plus(_text(env, "MONGO_AUTH_SOURCE", "admin"))
     return f"mongodb://{credentials}@{host}:{port}/?authSource={auth_source}"
 
@@ -274,10 +277,41 @@ def load_config(env):
     )
 
 
+def _check_dotenv_comments(dotenv_path):
+    """Refuses a ``.env`` value that python-dotenv cuts at an unquoted `` #``
+    (the rest reads as a comment): a password cut there fails far from here,
+    or not at all. Inline comments are lost too; a line of their own keeps them."""
+    with contextlib.suppress(FileNotFoundError), open(dotenv_path, encoding="utf-8") as file:
+        for binding in dotenv.parser.parse_stream(file):
+            if binding.key is None or binding.value is None:
+                continue
+            raw = binding.original.string.partition("=")[2].strip()
+            if not raw.startswith(("'", '"')) and raw != binding.value:
+                raise ConfigError(
+                    f"{binding.key} in {dotenv_path} (line {binding.original.line}): an unquoted ' #' starts"
+                    f" a comment, so the value is cut there; quote the value ({binding.key}='...') or put"
+                    " the comment on a line of its own")
+
+
+def dotenv_permission_warning(dotenv_path=".env"):
+    """A warning when ``.env`` (which may hold passwords) is open to group or
+    others, or None."""
+    try:
+        mode = os.stat(dotenv_path).st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o077:
+        return None
+    path = os.path.abspath(dotenv_path)
+    return f"{path} is open to group or others (mode {mode:04o}) and may hold passwords: chmod 600 {path}"
+
+
 def read_environment(dotenv_path=".env"):
     """The process environment over the values of a ``.env`` file, if any.
     A variable exported empty while ``.env`` gives it a value is refused: it
-    would silently turn that value back into the default."""
+    would silently turn that value back into the default. So is a value cut
+    at an unquoted `` #``."""
+    _check_dotenv_comments(dotenv_path)
     from_file = dotenv.dotenv_values(dotenv_path)
     for name, value in os.environ.items():
         if value == "" and from_file.get(name):

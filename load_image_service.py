@@ -28,7 +28,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 from image_service_settings import load_config
-from image_service_store import store_image
+from image_service_store import create_indexes, store_image
 
 
 def resident_kib():
@@ -102,6 +102,7 @@ def start_in_memory(models, images, max_concurrent_rpcs):
     """A server on 127.0.0.1 over an in-memory store holding ``models``
     models of ``images`` images each; returns it and the model ids to call."""
     db = mongomock.MongoClient()["CatalogServiceDB"]
+    create_indexes(db)  # as a well-kept database has them
     model_ids = [f"load-model-{i}" for i in range(models)]
     for model_id in model_ids:
         for _ in range(images):

@@ -11,8 +11,38 @@ import pytest
 from bson import ObjectId
 
 import image_service_server as server
+from image_service_observability import describe_failure
+from image_service_settings import _uri_passwords, redact
 from mongo_standins import WireMongo
 from support import LogWatcher, serving, upload
+
+MONGO_ANSWER_WITHIN_S = 3
+
+
+def _without_credentials(uri):
+    """A connection string as it may be shown: no user, no password (the
+    credentials end at the last @ before the options, whatever they hold)."""
+    scheme, _, rest = uri.partition("://")
+    before_options, question_mark, options = rest.partition("?")
+    return f"{scheme}://{before_options.rpartition('@')[2]}{question_mark}{options}"
+
+
+def pytest_configure(config):
+    """A run on a real MongoDB (TEST_MONGO_URI) that cannot reach it stops at
+    once with one line, rather than failing every test after a timeout."""
+    uri = os.environ.get("TEST_MONGO_URI")
+    if not uri:
+        return
+    ms = MONGO_ANSWER_WITHIN_S * 1000
+    try:
+        with pymongo.MongoClient(uri, serverSelectionTimeoutMS=ms, connectTimeoutMS=ms) as mongo:
+            mongo.admin.command("ping")
+    except Exception as error:  # Whatever the reason, no test on it can pass.
+        problem = (f"does not answer within {MONGO_ANSWER_WITHIN_S} s"
+                   if isinstance(error, pymongo.errors.ConnectionFailure) else "cannot be used")
+        reason = redact(describe_failure(error), _uri_passwords(uri))
+        pytest.exit(f"TEST_MONGO_URI {_without_credentials(uri)} {problem}: {reason}",
+                    returncode=pytest.ExitCode.USAGE_ERROR)
 
 
 @pytest.fixture
@@ -92,12 +122,13 @@ def certificates(tmp_path_factory):
 
 @pytest.fixture
 def root_logging():
-    """Puts the root logger back as it was after configure_logging."""
+    """Puts the root and the service's loggers back as they were after configure_logging."""
     root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
+    handlers, level, service_level = root.handlers[:], root.level, server.log.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    server.log.setLevel(service_level)
 
 
 @pytest.fixture(scope="module")

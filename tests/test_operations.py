@@ -6,7 +6,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 
 import mongomock
@@ -71,6 +73,16 @@ def test_metrics_count_exactly_what_deletes_removed_and_name_no_model(database):
     assert samples["image_service_mongodb_up", ()] == 1
     assert samples["image_service_calls_in_flight", ()] == 0
     assert "secret-chair" not in text and "127.0.0.1" not in text
+
+
+@pytest.mark.parametrize("path", ["/", "/anything", "/metrics/more", "/favicon.ico"])
+def test_metrics_answer_only_at_metrics_and_404_elsewhere(path):
+    with serving(mongomock.MongoClient().db, metrics_port=0, metrics_host="127.0.0.1") as (_, running, _):
+        port = running.running.metrics_port
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5)
+        assert "image_service_mongodb_up 1.0" in scrape(port)[0]
+    assert refused.value.code == 404
 
 
 def test_a_dry_run_moves_no_deletion_counter(database):
@@ -140,6 +152,39 @@ def test_an_index_check_not_authorized_is_one_warning_that_it_could_not_check(wi
     assert "\n" not in warning.getMessage() and "full error" not in warning.getMessage()
 
 
+def test_a_driver_failure_is_one_short_line_naming_each_host_and_its_reason():
+    ports = closed_port(), closed_port()
+    uri = f"mongodb://svc:secret-0123456789abcdef@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/"
+    with pymongo.MongoClient(uri, serverSelectionTimeoutMS=200) as client, \
+            pytest.raises(pymongo.errors.ServerSelectionTimeoutError) as failed:
+        client.admin.command("ping")
+    described = observability.describe_failure(failed.value)
+    assert set(described.split("; ")) == {f"127.0.0.1:{port}: connection refused" for port in ports}
+    assert len(str(failed.value)) > 600  # the driver's own text, topology dump and all
+
+
+def test_a_failure_naming_no_server_names_the_servers_it_tried():
+    error = pymongo.errors.ServerSelectionTimeoutError(
+        "No replica set members available for writes, Timeout: 5.0s, Topology Description:"
+        " <TopologyDescription id: 1, topology_type: ReplicaSetNoPrimary, servers:"
+        " [<ServerDescription ('db1.internal', 27017) server_type: RSSecondary, rtt: 0.001>,"
+        " <ServerDescription ('::1', 27018) server_type: RSSecondary, rtt: 0.001>]>")
+    assert observability.describe_failure(error) == (
+        "no replica set members available for writes (tried db1.internal:27017, [::1]:27018)")
+
+
+def test_the_load_runs_own_store_has_the_indexes_so_no_index_is_warned_about(service_log):
+    import load_image_service as load
+
+    running, _ = load.start_in_memory(models=1, images=1, max_concurrent_rpcs=1)
+    try:
+        running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
+    finally:
+        running.stop(0)
+    service_log.wait_for("health: SERVING")
+    assert [r.getMessage() for r in service_log.records if "index missing" in r.getMessage()] == []
+
+
 def test_create_indexes_creates_all_three_and_can_be_run_again(tmp_path, wire):
     for _ in range(2):
         done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
@@ -155,6 +200,26 @@ def test_create_indexes_without_mongodb_says_so_in_one_line_and_exits_1(tmp_path
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith("cannot create the indexes: ServerSelectionTimeoutError")
+
+
+def test_create_indexes_without_mongodb_names_the_host_and_the_reason_and_no_topology(tmp_path):
+    port = closed_port()
+    done = run_server_process({"MONGO_URI": f"mongodb://127.0.0.1:{port}/", "MONGO_TIMEOUT_MS": "300"},
+                              "--create-indexes", cwd=tmp_path)
+    assert done.stderr.strip() == ("cannot create the indexes: ServerSelectionTimeoutError:"
+                                   f" 127.0.0.1:{port}: connection refused")
+
+
+def test_a_real_mongodb_test_run_that_cannot_reach_it_stops_at_once_with_one_line():
+    port = closed_port()
+    uri = f"mongodb://catalog:pa%2Fss-0123456789abcdef@127.0.0.1:{port}/?authSource=admin"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"],
+                          cwd=HERE, env={**os.environ, "TEST_MONGO_URI": uri}, capture_output=True, text=True,
+                          timeout=10)
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).strip().splitlines() == [
+        f"Exit: TEST_MONGO_URI mongodb://127.0.0.1:{port}/?authSource=admin does not answer within 3 s:"
+        f" 127.0.0.1:{port}: connection refused"]
 
 
 UNIT = os.path.join(HERE, "deploy", "image-service.service")

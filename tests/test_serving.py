@@ -190,6 +190,16 @@ def test_health_follows_mongodb_down_and_back_up(service):
             stand_in.stop()
 
 
+def test_health_names_the_host_and_the_reason_when_mongodb_does_not_answer(service_log):
+    port = closed_port()
+    mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+                                serverSelectionTimeoutMS=100)
+    with serving_on(mongo, mongo_timeout_s=0.2):
+        record = service_log.wait_for("health: NOT_SERVING")
+    assert record.getMessage() == (
+        f"health: NOT_SERVING, MongoDB does not answer a ping: 127.0.0.1:{port}: connection refused")
+
+
 def test_health_reports_not_serving_as_soon_as_shutdown_begins(database):
     with serving(database) as (_, running, channel):
         updates = watch_health(channel, "image_service.ImageService")
@@ -290,6 +300,25 @@ def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(databas
         for inbox in inboxes:
             inbox.put(None)
     assert (reply.success, reply.deleted_images) == (True, 1)
+
+
+def test_a_call_past_its_deadline_is_logged_and_counted_as_deadline_exceeded(wire, service_log):
+    metrics = observability.Metrics()
+    with serving_on(wire.client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=1) as (
+            stub_, _, _):
+        wire.hang()
+        holding = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)
+        assert wire.arrivals.acquire(timeout=10)  # the one database thread is held
+        with pytest.raises(grpc.RpcError) as expired:
+            stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="late"), timeout=0.3)
+        line = service_log.wait_for("model_id='late'").getMessage()
+        holding.cancel()
+        wire.recover()
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert line.startswith("DeleteImageByModelId status=DEADLINE_EXCEEDED request_id=")
+    assert metrics.registry.get_sample_value("grpc_server_call_duration_seconds_count", {
+        "grpc_method": "image_service.ImageService/DeleteImageByModelId",
+        "grpc_status": "DEADLINE_EXCEEDED"}) == 1
 
 
 def test_a_cancelled_call_frees_its_admission_slot_at_once(wire):
@@ -531,6 +560,19 @@ def test_json_logs_are_one_object_per_line(root_logging, tmp_path):
     entry = json.loads(line)
     assert (entry["level"], entry["logger"], entry["message"]) == ("INFO", "image_service",
                                                                    "DeleteImageByModelId model_id='a\"b'")
+
+
+def test_log_level_debug_shows_the_services_debug_lines_but_not_the_libraries(root_logging, tmp_path):
+    config = service_settings.load_config({"LOG_LEVEL": "DEBUG"})
+    with open(tmp_path / "log", "w+") as stream:
+        observability.configure_logging(config, stream)
+        for name in ("pymongo.command", "pymongo.serverSelection", "pymongo.connection", "pymongo.topology",
+                     "grpc._cython.cygrpc", "asyncio", "image_service.calls", "image_service.health"):
+            logging.getLogger(name).debug("debug line of %s", name)
+        stream.seek(0)
+        lines = stream.read().splitlines()
+    assert [line.split(" debug line of ")[1] for line in lines] == ["image_service.calls",
+                                                                    "image_service.health"]
 
 
 @pytest.mark.parametrize("log_format", ["text", "json"])

@@ -30,6 +30,13 @@ def test_a_password_without_a_user_is_refused():
         service_settings.build_mongo_uri({"MONGO_PASSWORD": "x"})
 
 
+def test_a_user_without_a_password_is_refused_naming_the_settings_that_were_set():
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.load_config({"MONGO_USER": "catalog"})
+    assert str(refused.value) == ("MONGO_USER is set but MONGO_PASSWORD is not; set MONGO_PASSWORD too, or"
+                                  " unset MONGO_USER to connect without credentials")
+
+
 def test_mongo_uri_overrides_the_parts():
     env = {"MONGO_URI": "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/", "MONGO_HOST": "ignored"}
     assert service_settings.load_config(env).mongo_uri == "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/"
@@ -217,6 +224,38 @@ def test_an_empty_exported_variable_may_not_hide_a_dotenv_value(tmp_path, monkey
     with pytest.raises(service_settings.ConfigError,
                        match="MONGO_URI is exported empty, which would hide its value in .env"):
         service_settings.read_environment(tmp_path / ".env")
+
+
+def test_a_dotenv_value_cut_at_an_unquoted_hash_is_refused_naming_the_variable(tmp_path):
+    (tmp_path / ".env").write_text("MONGO_USER=catalog\nMONGO_PASSWORD=abcdefgh #ijklmnopqrstu\n")
+    with pytest.raises(service_settings.ConfigError) as refused:
+        service_settings.read_environment(tmp_path / ".env")
+    assert str(refused.value) == (
+        f"MONGO_PASSWORD in {tmp_path / '.env'} (line 2): an unquoted ' #' starts a comment, so the value is"
+        " cut there; quote the value (MONGO_PASSWORD='...') or put the comment on a line of its own")
+    assert "ijkl" not in str(refused.value)
+
+
+def test_a_quoted_dotenv_value_keeps_its_hash(tmp_path):  # a guard: quoting is the way out
+    (tmp_path / ".env").write_text("MONGO_PASSWORD='abcdefgh #ijklmnopqrstu'\n# a comment line\n")
+    assert service_settings.read_environment(tmp_path / ".env")["MONGO_PASSWORD"] == "abcdefgh #ijklmnopqrstu"
+
+
+def test_a_dotenv_file_open_to_others_is_warned_about_once_at_start(tmp_path):
+    (tmp_path / ".env").write_text("MONGO_DB=FromFile\n")
+    (tmp_path / ".env").chmod(0o644)
+    done = run_server_process({}, "--in-memory", "--create-indexes", cwd=tmp_path)
+    assert done.returncode == 0
+    warnings = [line for line in done.stderr.splitlines() if "chmod" in line]
+    assert len(warnings) == 1
+    assert warnings[0].endswith(f" WARNING image_service: {tmp_path / '.env'} is open to group or others"
+                                f" (mode 0644) and may hold passwords: chmod 600 {tmp_path / '.env'}")
+
+
+def test_a_private_dotenv_file_gets_no_warning(tmp_path):  # a guard against crying wolf
+    (tmp_path / ".env").write_text("MONGO_DB=FromFile\n")
+    (tmp_path / ".env").chmod(0o600)
+    assert service_settings.dotenv_permission_warning(tmp_path / ".env") is None
 
 
 def test_secrets_are_redacted_only_where_they_stand_whole():
