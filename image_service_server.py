@@ -441,8 +441,9 @@ def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
             elif valid:
                 finished = delete_images_of_models(db, valid, found, deadline)
     except Exception as error:  # Reported to the caller; the server goes on.
-        log.warning("request_id=%s delete of %d model(s) failed: %s: %s", request_id, len(valid),
-                    type(error).__name__, error)
+        log.warning("delete of %d model(s) failed request_id=%s: %s: %s", len(valid), request_id,
+                    type(error).__name__, describe_failure(error))
+        log.debug("request_id=%s the driver said: %s", request_id, error)
         failure = classify_failure(error)
     replies, first_reply = [], {}
     for model_id in model_ids:

@@ -376,6 +376,18 @@ def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout
     assert elapsed < 5, f"took {elapsed:.1f} s: the driver's 30 s default is not bounded"
 
 
+def test_a_failed_delete_is_one_short_warning_naming_the_request_the_host_and_the_reason(service_log):
+    port = closed_port()
+    config = service_settings.load_config({"MONGO_HOST": "127.0.0.1", "MONGO_PORT": str(port),
+                                           "MONGO_TIMEOUT_MS": "300"})
+    with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=10,
+                                   metadata=[("x-request-id", "req-7")])
+    (warning,) = [r.getMessage() for r in service_log.records if "model(s) failed" in r.getMessage()]
+    assert warning == ("delete of 1 model(s) failed request_id=req-7: ServerSelectionTimeoutError:"
+                       f" 127.0.0.1:{port}: connection refused")
+
+
 def test_a_database_error_naming_the_password_is_logged_with_it_blanked(wire, root_logging, tmp_path):
     config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw"})
     wire.refused["find"] = (18, "AuthenticationFailed", f"cannot use {config.mongo_uri} (password s3cret@pw)")
@@ -386,8 +398,9 @@ def test_a_database_error_naming_the_password_is_logged_with_it_blanked(wire, ro
         stream.seek(0)
         text = stream.read()
     assert reply.outcome == pb2.OUTCOME_INTERNAL
-    assert ("delete of 1 model(s) failed: OperationFailure: cannot use"
-            " mongodb://svc:***@localhost:27017/?authSource=admin (password ***)") in text
+    assert "delete of 1 model(s) failed request_id=" in text
+    assert ("OperationFailure: cannot use mongodb://svc:***@localhost:27017/?authSource=admin"
+            " (password ***)") in text
     assert "s3cret" not in text
 
 
