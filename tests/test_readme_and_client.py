@@ -8,6 +8,7 @@ small helpers of its own, no fixtures from conftest.py.
 """
 
 import argparse
+import glob
 import os
 import re
 import shlex
@@ -121,8 +122,7 @@ def clean_environment(**settings):
 @pytest.fixture
 def readme_server(tmp_path):
     """The README's in-memory server command, running on a free port; yields (port, its log file)."""
-    (server_block,) = blocks_under("First delete", "bash")[:1]
-    (command,) = server_block
+    (command,) = blocks_under("First delete", "bash")[0]
     port = free_port()
     log_path = tmp_path / "server.log"
     env = clean_environment(GRPC_PORT=str(port), GRPC_HOST="127.0.0.1")
@@ -147,7 +147,7 @@ def run_documented(command, port, tmp_path):
 
 def test_the_readme_quick_start_and_client_commands_run_as_written(readme_server, tmp_path):
     port, log_path = readme_server
-    server_block, delete_block = blocks_under("First delete", "bash")
+    _, delete_block = blocks_under("First delete", "bash")
     (expected_delete,) = blocks_under("First delete", "text")
     (console,) = blocks_under("The client", "console")
     sessions = [(delete_block[0], expected_delete), *console_sessions(console)]
@@ -164,14 +164,28 @@ def test_the_readme_quick_start_and_client_commands_run_as_written(readme_server
     assert f"try: .venv/bin/python image_service_client.py {first_delete}" in log, log
 
 
-def test_the_readme_set_up_asks_for_python_3_11_and_the_venv_everywhere():
-    text = open(README, encoding="utf-8").read()
-    assert "Python 3.11 or newer" in text
-    for _, language, lines in readme_blocks():
-        for line in lines if language in ("bash", "console") else ():
-            command = line[2:] if line.startswith("$ ") else line
-            if "image_service" in command or "pytest" in command:
-                assert not re.match(r"\s*python3?\s", command), command
+def documented_command_lines():
+    """(file, line) for every line of a bash or console block in the README and docs/."""
+    paths = [README, *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    for path in paths:
+        with open(path, encoding="utf-8") as file:
+            blocks = re.findall(r"^```(?:bash|console)\n(.*?)^```", file.read(), re.S | re.M)
+        for block in blocks:
+            for line in block.splitlines():
+                yield os.path.relpath(path, ROOT), line
+
+
+def test_every_documented_script_runs_with_the_venv_python():
+    lines = list(documented_command_lines())
+    assert any(path.startswith("docs") for path, _ in lines)
+    bare = [(path, line) for path, line in lines
+            if re.search(r"(?<!\.venv/bin/)\bpython3?(\.\d+)?\s+(-m\s+pytest|\S+\.py)", line)]
+    assert bare == []
+
+
+def test_the_readme_asks_for_python_3_11():
+    with open(README, encoding="utf-8") as file:
+        assert "Python 3.11 or newer" in file.read()
 
 
 # --- the client's environment defaults
