@@ -1,7 +1,7 @@
 """Command-line client for the image service.
 
-    python3 image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT] [--dry-run]
-    python3 image_service_client.py health [--address HOST:PORT]
+    .venv/bin/python image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT] [--dry-run]
+    .venv/bin/python image_service_client.py health [--address HOST:PORT]
 
 Several model ids go as one DeleteImagesByModelIds batch; one id uses
 DeleteImageByModelId, the call the catalog service makes. Each result is
@@ -9,9 +9,11 @@ printed on its own line, and the call's request id on stderr. Exit codes:
 0 all succeeded (or SERVING), 1 some failed (or NOT_SERVING), 2 bad usage,
 3 the call itself failed, 130 interrupted.
 
-Every option can also come from the environment: IMAGE_SERVICE_ADDRESS,
-IMAGE_SERVICE_TOKEN, IMAGE_SERVICE_TLS_CA, IMAGE_SERVICE_TLS_CERT,
-IMAGE_SERVICE_TLS_KEY, IMAGE_SERVICE_TIMEOUT.
+An option not given on the command line comes from the environment:
+IMAGE_SERVICE_ADDRESS, IMAGE_SERVICE_TOKEN, IMAGE_SERVICE_TLS_CA,
+IMAGE_SERVICE_TLS_CERT, IMAGE_SERVICE_TLS_KEY, IMAGE_SERVICE_TIMEOUT. The
+environment is read only for options not given, so a bad value there never
+breaks --help or a call that passes the option.
 """
 
 import argparse
@@ -49,7 +51,12 @@ def address(text):
     return text
 
 
+DEFAULT_ADDRESS = "localhost:5014"
+DEFAULT_TIMEOUT_S = "10"
+
+
 def _from_environment(name, parse, default):
+    """The option's value from ``name`` (or ``default``), parsed; a bad value names the variable."""
     raw = os.environ.get(name) or default
     try:
         return parse(raw)
@@ -57,23 +64,41 @@ def _from_environment(name, parse, default):
         raise UsageError(f"{name} {error}") from None
 
 
-def parse_arguments(argv):
+def build_parser():
+    """The command line; defaults that come from the environment are filled in after parsing."""
     env = os.environ.get
-    parser = argparse.ArgumentParser(description="Delete the images of models, or check the service's health.")
+    parser = argparse.ArgumentParser(
+        description="Delete the images of models, or check the service's health.")
     parser.add_argument("model_ids", nargs="+", metavar="MODEL_ID",
                         help="models whose images to delete; or the single word 'health'")
-    parser.add_argument("--address", type=address,
-                        default=_from_environment("IMAGE_SERVICE_ADDRESS", address, "localhost:5014"))
-    parser.add_argument("--token", default=env("IMAGE_SERVICE_TOKEN"), help="bearer token")
-    parser.add_argument("--tls-ca", default=env("IMAGE_SERVICE_TLS_CA"),
-                        help="CA certificate that signed the server's: use TLS")
-    parser.add_argument("--tls-cert", default=env("IMAGE_SERVICE_TLS_CERT"), help="client certificate, for mTLS")
-    parser.add_argument("--tls-key", default=env("IMAGE_SERVICE_TLS_KEY"), help="client key, for mTLS")
-    parser.add_argument("--timeout", type=seconds, default=_from_environment("IMAGE_SERVICE_TIMEOUT", seconds, "10"),
-                        help="seconds before the call is abandoned (its deadline)")
+    parser.add_argument("--address", type=address, metavar="HOST:PORT",
+                        help="the service's address (default: $IMAGE_SERVICE_ADDRESS, else"
+                             f" {DEFAULT_ADDRESS})")
+    parser.add_argument("--token", default=env("IMAGE_SERVICE_TOKEN"),
+                        help="bearer token (default: $IMAGE_SERVICE_TOKEN)")
+    parser.add_argument("--tls-ca", default=env("IMAGE_SERVICE_TLS_CA"), metavar="CA.pem",
+                        help="CA certificate that signed the server's: use TLS"
+                             " (default: $IMAGE_SERVICE_TLS_CA)")
+    parser.add_argument("--tls-cert", default=env("IMAGE_SERVICE_TLS_CERT"), metavar="CERT.pem",
+                        help="client certificate, for mTLS (default: $IMAGE_SERVICE_TLS_CERT)")
+    parser.add_argument("--tls-key", default=env("IMAGE_SERVICE_TLS_KEY"), metavar="KEY.pem",
+                        help="client key, for mTLS (default: $IMAGE_SERVICE_TLS_KEY)")
+    parser.add_argument("--timeout", type=seconds, metavar="SECONDS",
+                        help="seconds before the call is abandoned, its deadline (default:"
+                             f" $IMAGE_SERVICE_TIMEOUT, else {DEFAULT_TIMEOUT_S})")
     parser.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
     parser.add_argument("--request-id", help="sent as x-request-id, to find this call in the server's log")
+    return parser
+
+
+def parse_arguments(argv):
+    """The options; the environment is read only for an option not given."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.address is None:
+        args.address = _from_environment("IMAGE_SERVICE_ADDRESS", address, DEFAULT_ADDRESS)
+    if args.timeout is None:
+        args.timeout = _from_environment("IMAGE_SERVICE_TIMEOUT", seconds, DEFAULT_TIMEOUT_S)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:
@@ -108,11 +133,13 @@ def delete_images(channel, model_ids, dry_run, timeout, metadata):
     stub = pb2_grpc.ImageServiceStub(channel)
     if len(model_ids) == 1:
         reply, call = stub.DeleteImageByModelId.with_call(
-            pb2.DeleteImageRequest(model_id=model_ids[0], validate_only=dry_run), timeout=timeout, metadata=metadata)
+            pb2.DeleteImageRequest(model_id=model_ids[0], validate_only=dry_run),
+            timeout=timeout, metadata=metadata)
         results = [reply]
     else:
         reply, call = stub.DeleteImagesByModelIds.with_call(
-            pb2.DeleteImagesRequest(model_ids=model_ids, validate_only=dry_run), timeout=timeout, metadata=metadata)
+            pb2.DeleteImagesRequest(model_ids=model_ids, validate_only=dry_run),
+            timeout=timeout, metadata=metadata)
         results = reply.results
     print_request_id(call)
     for result in results:
@@ -127,15 +154,36 @@ def print_request_id(call):
         print(f"request_id={request_id}", file=sys.stderr)
 
 
+TLS_HINT_PLAINTEXT = " (if the server serves TLS, pass --tls-ca)"
+TLS_HINT_TLS = (" (TLS handshake failed? check that the server serves TLS, that --tls-ca signed its"
+                " certificate, and --tls-cert/--tls-key if it requires client certificates)")
+
+
+def tls_mismatch_likely(details):
+    """Whether a connection failed while it was being set up, the way a TLS mismatch fails.
+
+    A TLS server hangs up on a plaintext client ("Socket closed"); a plaintext
+    server or a foreign certificate fails the client's handshake. A closed port
+    ("Connection refused") or a server cancelling calls as it shuts down is no
+    TLS matter.
+    """
+    text = (details or "").lower()
+    if "failed to connect" not in text:
+        return False
+    return "handshake" in text or "socket closed" in text
+
+
 def explain(error, args):
-    """The failed call in one line, with a hint when TLS settings likely differ."""
-    line = f"call failed: {error.code().name}: {error.details()}"
+    """The failed call in one line, with a hint when one is likely to help."""
+    details = error.details()
+    line = f"call failed: {error.code().name}: {details}"
     if error.code() == grpc.StatusCode.UNAVAILABLE:
-        if args.tls_ca:
-            line += (" (TLS handshake failed? check that the server serves TLS, that --tls-ca signed its"
-                     " certificate, and --tls-cert/--tls-key if it requires client certificates)")
-        else:
-            line += " (if the server serves TLS, pass --tls-ca)"
+        if tls_mismatch_likely(details):
+            line += TLS_HINT_TLS if args.tls_ca else TLS_HINT_PLAINTEXT
+        elif "connection refused" in (details or "").lower():
+            line += f" (nothing listens at {args.address}: is the server running there?)"
+    elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+        line += f" (no answer within --timeout {args.timeout:g} s)"
     return line
 
 
