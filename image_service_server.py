@@ -264,12 +264,13 @@ def remove_round(db, read, forms, found):
         images.files_counted_earlier += sum(1 for file_id in read.file_ids[model_id] - kept
                                             if owners[file_id] != model_id)
     if doomed:
-        removed = db["fs.files"].delete_many({"_id": {"$in": stored_file_ids(doomed)}}).deleted_count
+        stored_ids = stored_file_ids(doomed)
+        removed = db["fs.files"].delete_many({"_id": {"$in": stored_ids}}).deleted_count
         wanted = [sum(1 for file_id in doomed if owners[file_id] == model_id) for model_id in model_ids]
         for model_id, missing in zip(model_ids, credit(found, model_ids, wanted, removed, "deleted_files"),
                                      strict=True):
             found[model_id].missing_files += max(missing, 0)
-        db["fs.chunks"].delete_many({"files_id": {"$in": stored_file_ids(doomed)}})
+        db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
     metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
     removed = db.images.delete_many({"_id": {"$in": metadata_ids}}).deleted_count
     credit(found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
