@@ -11,13 +11,13 @@ import asyncio
 import collections
 import json
 import logging
+import os
 import re
 import socket
 import socketserver
 import sys
 import threading
 import wsgiref.simple_server
-from concurrent import futures
 
 import prometheus_client
 import pymongo
@@ -124,7 +124,12 @@ REASON_LIMIT = 120  # characters per server's reason
 
 
 def _short_reason(text):
-    """A driver's reason, bounded, as a phrase: "connection refused"."""
+    """A driver's reason, bounded, as a phrase: "connection refused". An
+    operating-system error is named as the system names it, whichever words
+    the driver wrapped it in ("Connect call failed (...)", say)."""
+    system_error = re.search(r"\[Errno (\d+)\]", text)
+    if system_error:
+        text = os.strerror(int(system_error[1]))
     text = re.sub(r"\[Errno -?\d+\] ", "", text).strip(" ,")
     if re.match(r"[A-Z][a-z]", text):
         text = text[0].lower() + text[1:]
@@ -158,7 +163,7 @@ def describe_failure(error):
 class MongoHealthMonitor:
     """Keeps the standard health service in step with MongoDB: SERVING while
     a ping answers within the timeout, NOT_SERVING while it does not. Pings
-    run on a thread of their own, so they never wait behind deletes.
+    are awaited on the event loop, like deletes, and never wait behind them.
 
     Once MongoDB first answers, the indexes are checked, once, apart from
     health: a check that fails (a user whose role lacks ``listIndexes``, say)
@@ -175,7 +180,6 @@ class MongoHealthMonitor:
         self._up = up_gauge
         self._indexes_checked = False
         self.first_check_done = asyncio.Event()
-        self._thread = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mongo-health")
         self._task = None
         self._last_status = None
 
@@ -185,17 +189,16 @@ class MongoHealthMonitor:
     def stop(self):
         if self._task:
             self._task.cancel()
-        self._thread.shutdown(wait=False)
 
-    def _ping(self):
+    async def _ping(self):
         with pymongo.timeout(self._timeout_s):
-            self._db.client.admin.command("ping")
+            await self._db.client.admin.command("ping")
 
-    def _check_indexes(self):
+    async def _check_indexes(self):
         """Warns about missing indexes; any failure to look is one warning."""
         try:
             with pymongo.timeout(self._index_check_timeout_s):
-                warn_about_missing_indexes(self._db)
+                await warn_about_missing_indexes(self._db)
         except Exception as error:  # Not health's business: deletes work without the check.
             hint = " (the check needs the listIndexes action)" if getattr(error, "code", None) == 13 else ""
             log.warning("could not check the indexes: %s: %s; serving regardless%s", type(error).__name__,
@@ -204,7 +207,7 @@ class MongoHealthMonitor:
     async def check(self):
         """Pings MongoDB once and publishes the result."""
         try:
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._ping)
+            await self._ping()
             status = health_pb2.HealthCheckResponse.SERVING
         except Exception as error:  # Any failure to answer means not serving.
             status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -222,7 +225,7 @@ class MongoHealthMonitor:
             await self._health.set(service, status)
         if status == health_pb2.HealthCheckResponse.SERVING and not self._indexes_checked:
             self._indexes_checked = True  # once, when MongoDB first answers, however it ends
-            await asyncio.get_running_loop().run_in_executor(self._thread, self._check_indexes)
+            await self._check_indexes()
         self.first_check_done.set()
 
     async def _run(self):

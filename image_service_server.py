@@ -36,7 +36,6 @@ import sys
 import threading
 import time
 import unicodedata
-from concurrent import futures
 
 # gRPC's own log lines (one per failed TLS handshake, say) go to stderr
 # outside our log format, and any client can cause them: errors only, unless
@@ -75,6 +74,7 @@ from image_service_settings import (
 )
 from image_service_store import (
     SAMPLE_MODELS,
+    InMemoryDatabase,
     create_indexes,
     describe_indexes,
     gridfs_file_key,
@@ -198,26 +198,26 @@ class ImagesRead:
         return owners
 
 
-def read_images(db, forms_to_models, limit=0):
+async def read_images(db, forms_to_models, limit=0):
     """The ``images`` documents of the models (``forms_to_models`` maps each
     stored form of a model id to the id), up to ``limit`` (0: all) in one
     ``find``."""
     read = ImagesRead()
     cursor = db.images.find(images_of(list(forms_to_models)), {"model_id": 1, "image_id": 1},
                             limit=limit, batch_size=limit or READ_BATCH_SIZE)
-    for document in cursor:
+    async for document in cursor:
         read.add(forms_to_models[document["model_id"]], document)
     return read
 
 
-def files_referenced_elsewhere(db, file_ids, forms):
+async def files_referenced_elsewhere(db, file_ids, forms):
     """Those of ``file_ids`` that an ``images`` document of another model
     references, in any spelling: one ``find`` by the ``image_id`` index per
     ROUND_SIZE files."""
     referenced = set()
     for batch in in_batches(file_ids, ROUND_SIZE):
         query = {"$and": [references_filter(batch), images_of_other_models(forms)]}
-        for document in db.images.find(query, {"image_id": 1}):
+        async for document in db.images.find(query, {"image_id": 1}):
             referenced.add(referenced_file_id(document.get("image_id")))
     return referenced & set(file_ids)
 
@@ -247,14 +247,14 @@ def credit(found, model_ids, wanted, removed, field):
     return [count - share for count, share in zip(wanted, shares, strict=True)]
 
 
-def remove_round(db, read, forms, found):
+async def remove_round(db, read, forms, found):
     """Deletes what one read found: the files no other model references,
     their chunks, then the documents read. Adds to ``found`` what MongoDB
     reports removed, command by command, so a failure midway still counts
     what went before it."""
     model_ids = [model_id for model_id in found if read.metadata_ids[model_id]]
     owners = read.file_owners(model_ids)
-    kept = files_referenced_elsewhere(db, list(owners), forms) if owners else set()
+    kept = await files_referenced_elsewhere(db, list(owners), forms) if owners else set()
     doomed = [file_id for file_id in owners if file_id not in kept]
     for model_id in model_ids:
         images = found[model_id]
@@ -265,19 +265,19 @@ def remove_round(db, read, forms, found):
                                             if owners[file_id] != model_id)
     if doomed:
         stored_ids = stored_file_ids(doomed)
-        removed = db["fs.files"].delete_many({"_id": {"$in": stored_ids}}).deleted_count
+        removed = (await db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
         wanted = [sum(1 for file_id in doomed if owners[file_id] == model_id) for model_id in model_ids]
         for model_id, missing in zip(model_ids, credit(found, model_ids, wanted, removed, "deleted_files"),
                                      strict=True):
             found[model_id].missing_files += max(missing, 0)
-        db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
+        await db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
     metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
-    removed = db.images.delete_many({"_id": {"$in": metadata_ids}}).deleted_count
+    removed = (await db.images.delete_many({"_id": {"$in": metadata_ids}})).deleted_count
     credit(found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
            "deleted_images")
 
 
-def delete_images_of_models(db, model_ids, found, deadline):
+async def delete_images_of_models(db, model_ids, found, deadline):
     """Removes every image of the models, round by round, adding to
     ``found`` what each round removed. Returns True once a read finds none
     left, False when too little of the budget (``deadline``, on
@@ -288,28 +288,28 @@ def delete_images_of_models(db, model_ids, found, deadline):
     slowest = 0.0
     while True:
         started = time.monotonic()
-        read = read_images(db, forms_to_models, limit=ROUND_SIZE)
+        read = await read_images(db, forms_to_models, limit=ROUND_SIZE)
         if not read.metadata_ids:
             return True
-        remove_round(db, read, forms, found)
+        await remove_round(db, read, forms, found)
         slowest = max(slowest, time.monotonic() - started)
         round_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
         if round_was_full and deadline - time.monotonic() < 2 * slowest:
             return False
 
 
-def preview_images_of_models(db, model_ids, found):
+async def preview_images_of_models(db, model_ids, found):
     """What delete_images_of_models would remove now, without writing: one
     read of every document, the reference check, and the lengths of the
     files that would go (one read per ROUND_SIZE files)."""
     forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
-    read = read_images(db, forms_to_models)
+    read = await read_images(db, forms_to_models)
     owners = read.file_owners(model_ids)
-    kept = files_referenced_elsewhere(db, list(owners), list(forms_to_models)) if owners else set()
+    kept = await files_referenced_elsewhere(db, list(owners), list(forms_to_models)) if owners else set()
     lengths = collections.Counter()
     existing = set()
     for batch in in_batches([file_id for file_id in owners if file_id not in kept], ROUND_SIZE):
-        for file in db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}):
+        async for file in db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}):
             lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
             existing.add(gridfs_file_key(file["_id"]))
     for model_id in model_ids:
@@ -422,7 +422,7 @@ def classify_failure(error):
     return pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log"
 
 
-def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
+async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
     """One reply per requested id, in order. Invalid ids are answered without
     touching anything; the valid ones are deleted together (in a dry run,
     previewed) before ``deadline`` (on ``time.monotonic()``), each once
@@ -438,9 +438,9 @@ def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
             raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
         with pymongo.timeout(timeout_s):
             if valid and dry_run:
-                preview_images_of_models(db, valid, found)
+                await preview_images_of_models(db, valid, found)
             elif valid:
-                finished = delete_images_of_models(db, valid, found, deadline)
+                finished = await delete_images_of_models(db, valid, found, deadline)
     except Exception as error:  # Reported to the caller; the server goes on.
         log.warning("delete of %d model(s) failed request_id=%s: %s: %s", len(valid), request_id,
                     type(error).__name__, describe_failure(error))
@@ -477,31 +477,35 @@ def _reply(model_id, images, dry_run, finished, failure):
 
 
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
-    """The ImageService methods of image_service.proto. Each runs the
-    deletion on a database thread and awaits it, so the event loop stays
-    free for other calls, health checks and reflection."""
+    """The ImageService methods of image_service.proto. The deletion runs on
+    the event loop with pymongo's asyncio client: while it waits on MongoDB
+    the loop serves other calls, health checks and reflection. At most
+    GRPC_MAX_WORKERS deletions talk to MongoDB at once."""
 
-    def __init__(self, db, mongo_timeout_s, database_threads, metrics):
+    def __init__(self, db, mongo_timeout_s, max_deletions, metrics):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
-        self._threads = database_threads
+        self._deletion_slots = asyncio.Semaphore(max_deletions)
         self._metrics = metrics
+        self.unfinished = set()  # deletions still running, their callers gone or not
 
     async def _delete(self, model_ids, dry_run, context):
-        # The budget runs from now: time spent waiting for a free database
-        # thread counts against it, as it does against the caller's deadline.
+        # The budget runs from now: time spent waiting for a deletion slot
+        # counts against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
         budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
         deadline = time.monotonic() + budget
         request_id = CURRENT_CALL.get().request_id
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._threads, self._delete_and_count, model_ids, deadline, dry_run, request_id)
+        deletion = asyncio.ensure_future(self._delete_and_count(model_ids, deadline, dry_run, request_id))
+        self.unfinished.add(deletion)
+        deletion.add_done_callback(self.unfinished.discard)
+        # A caller that hangs up does not stop the deletion: it ends within
+        # its budget, whole rounds and all, and is counted.
+        return await asyncio.shield(deletion)
 
-    def _delete_and_count(self, model_ids, deadline, dry_run, request_id):
-        """On a database thread: the deletion, then its counts, which are
-        counted even when the caller has gone meanwhile."""
-        replies = delete_and_describe(self._db, model_ids, deadline, dry_run, request_id)
+    async def _delete_and_count(self, model_ids, deadline, dry_run, request_id):
+        async with self._deletion_slots:
+            replies = await delete_and_describe(self._db, model_ids, deadline, dry_run, request_id)
         if not dry_run:
             self._metrics.count(replies)
         return replies
@@ -533,11 +537,13 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
 # ---------------------------------------------------------------------------
 
 
-def connect_to_mongo(config, event_listeners=()):
+def connect_to_mongo(config, event_listeners=(), client_class=pymongo.AsyncMongoClient):
     """A client whose every wait is bounded by MONGO_TIMEOUT_MS, not the
-    driver's 30 s default. It connects lazily, so start-up never blocks."""
+    driver's 30 s default: the asyncio client the server runs on, or (for
+    the operator's tools) another class. It connects lazily, so start-up
+    never blocks."""
     timeout_ms = int(config.mongo_timeout_s * 1000)
-    return pymongo.MongoClient(
+    return client_class(
         config.mongo_uri,
         appname="image-service",
         serverSelectionTimeoutMS=timeout_ms,
@@ -556,7 +562,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     monitor: MongoHealthMonitor
     admission: Admission
-    database_threads: futures.Executor
+    deletions: set  # still running, their callers gone or not
     metrics_endpoint: object = None  # the HTTP server of /metrics, when on
     hurried: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
 
@@ -583,7 +589,8 @@ class RunningServer:
         await graceful
         # Abandoned calls log as their cancellation reaches them.
         await self.admission.wait_idle(1.0)
-        self.database_threads.shutdown(wait=False)  # A hung one ends within MONGO_TIMEOUT_MS.
+        for deletion in list(self.deletions):  # safe to abandon: files go before metadata
+            deletion.cancel()
         if self.metrics_endpoint:
             self.metrics_endpoint.shutdown()
             self.metrics_endpoint.server_close()
@@ -615,9 +622,8 @@ async def start_server(config, db, servicer=None, metrics=None):
     interceptors.append(admission)
     # A second instance on the same port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    database_threads = futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="mongo")
-    pb2_grpc.add_ImageServiceServicer_to_server(
-        servicer or ImageServiceServicer(db, config.mongo_timeout_s, database_threads, metrics), server)
+    servicer = servicer or ImageServiceServicer(db, config.mongo_timeout_s, config.max_workers, metrics)
+    pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if config.reflection:
@@ -638,7 +644,8 @@ async def start_server(config, db, servicer=None, metrics=None):
     endpoint = None
     if config.metrics_port is not None:
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, metrics.registry)
-    return RunningServer(server, port, health_servicer, monitor, admission, database_threads, endpoint)
+    deletions = getattr(servicer, "unfinished", set())
+    return RunningServer(server, port, health_servicer, monitor, admission, deletions, endpoint)
 
 
 class BackgroundServer:
@@ -717,12 +724,16 @@ def parse_arguments(argv):
     return args
 
 
-def open_database(config, in_memory, event_listeners=()):
-    """The database to serve, and how to describe it in the log."""
+def open_database(config, in_memory, event_listeners=(), serving=True):
+    """The database, and how to describe it in the log: for serving, on
+    pymongo's asyncio client (or the in-memory stand-in behind the same
+    methods); for the operator's tools, on the synchronous one."""
     if in_memory:
-        return open_in_memory_database(config.mongo_db), f"in-memory stand-in/{config.mongo_db}"
+        db = open_in_memory_database(config.mongo_db)
+        return InMemoryDatabase(db) if serving else db, f"in-memory stand-in/{config.mongo_db}"
+    client_class = pymongo.AsyncMongoClient if serving else pymongo.MongoClient
     try:
-        client = connect_to_mongo(config, event_listeners)
+        client = connect_to_mongo(config, event_listeners, client_class)
     except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
         raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
     # Reads go to the primary, whatever the URI's readPreference: a lagging
@@ -743,7 +754,7 @@ def main(argv=None):
                 check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
                 check_listeners_apart(config)
         command_timer = CommandTimer(metrics.mongodb_command_duration)
-        db, database_description = open_database(config, args.in_memory, [command_timer])
+        db, database_description = open_database(config, args.in_memory, [command_timer], serving)
     except ConfigError as error:
         print(f"configuration error: {error}", file=sys.stderr)
         return 2
@@ -782,9 +793,9 @@ def main(argv=None):
 
 
 def exit_now(code):
-    """Exits without waiting for database threads: a delete abandoned at
-    shutdown may still be waiting on MongoDB (up to MONGO_TIMEOUT_MS), and
-    the interpreter would join its thread. Its work is safe to abandon."""
+    """Exits without waiting for anything the drain abandoned (a driver
+    thread still waiting on a hung MongoDB, say): its work is safe to
+    abandon, files going before metadata."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

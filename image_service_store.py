@@ -122,19 +122,26 @@ def _serves(index, present):
     return [name for name, _ in keys[:len(index.keys)]] == [name for name, _ in index.keys]
 
 
+def missing_from(present):
+    """The INDEXES that no index in ``present`` serves (``index_information``
+    of each collection, by collection name)."""
+    return [index for index in INDEXES
+            if not any(_serves(index, info) for info in present[index.collection].values())]
+
+
 def missing_indexes(db):
     """The INDEXES that no index in the database serves."""
-    missing = []
-    for index in INDEXES:
-        present = db[index.collection].index_information().values()
-        if not any(_serves(index, info) for info in present):
-            missing.append(index)
-    return missing
+    collections = {index.collection for index in INDEXES}
+    return missing_from({name: db[name].index_information() for name in collections})
 
 
-def warn_about_missing_indexes(db):
-    """One WARNING per missing index: what it costs, and how to create it."""
-    for index in missing_indexes(db):
+async def warn_about_missing_indexes(db):
+    """One WARNING per missing index of an AsyncDatabase (or the in-memory
+    stand-in): what it costs, and how to create it."""
+    present = {}
+    for name in {index.collection for index in INDEXES}:
+        present[name] = await db[name].index_information()
+    for index in missing_from(present):
         unique = ", {unique: true}" if index.unique else ""
         log.warning("index missing on %s %s: %s; create it with: python3 image_service_server.py"
                     " --create-indexes (or db.getCollection(%r).createIndex(%s%s))",
@@ -179,7 +186,8 @@ SAMPLE_MODELS = {"sample-chair": 2, "sample-table": 1, "sample-lamp": 3}
 
 
 def open_in_memory_database(database_name):
-    """A mongomock database holding a few sample images, with the indexes."""
+    """A mongomock database holding a few sample images, with the indexes:
+    the operator's tools use it as it is, the server through InMemoryDatabase."""
     import mongomock  # Only this mode needs it.
 
     db = mongomock.MongoClient()[database_name]
@@ -189,3 +197,59 @@ def open_in_memory_database(database_name):
             store_image(db, model_id, bytes(300 * 1024), name=f"{model_id}-{number}.jpg")
     return db
 
+
+
+class InMemoryDatabase:
+    """A mongomock database behind the few methods of pymongo's
+    AsyncDatabase that the service calls, so that one deletion path serves
+    MongoDB and the in-memory stand-in alike. mongomock answers at once, on
+    the event loop's own thread (it is not safe to use from two threads)."""
+
+    def __init__(self, db):
+        self.name = db.name
+        self.client = _InMemoryClient()
+        self._db = db
+
+    def __getitem__(self, name):
+        return _InMemoryCollection(self._db[name])
+
+    def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return self[name]
+
+
+class _InMemoryClient:
+    def __init__(self):
+        self.admin = self
+
+    async def command(self, name):
+        return {"ok": 1}
+
+
+class _InMemoryCollection:
+    def __init__(self, collection):
+        self._collection = collection
+
+    def find(self, *args, **kwargs):
+        return _InMemoryCursor(self._collection.find(*args, **kwargs))
+
+    async def delete_many(self, query):
+        return self._collection.delete_many(query)
+
+    async def index_information(self):
+        return self._collection.index_information()
+
+
+class _InMemoryCursor:
+    def __init__(self, cursor):
+        self._cursor = cursor
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return next(self._cursor)
+        except StopIteration:
+            raise StopAsyncIteration from None

@@ -28,7 +28,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 from image_service_settings import load_config
-from image_service_store import create_indexes, store_image
+from image_service_store import InMemoryDatabase, create_indexes, store_image
 
 
 def resident_kib():
@@ -110,7 +110,8 @@ def start_in_memory(models, images, max_concurrent_rpcs):
     config = dataclasses.replace(load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_concurrent_rpcs=max_concurrent_rpcs)
     # Half the calls go to models that never had images.
-    return server.BackgroundServer(config, db), model_ids + [f"unknown-{i}" for i in range(models)]
+    unknown = [f"unknown-{i}" for i in range(models)]
+    return server.BackgroundServer(config, InMemoryDatabase(db)), model_ids + unknown
 
 
 def print_report(report, out=sys.stdout):

@@ -68,6 +68,9 @@ class WireMongo:
     def client(self, timeout_ms=2000):
         return pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms)
 
+    def async_client(self, timeout_ms=2000, **options):
+        return pymongo.AsyncMongoClient(self.uri, serverSelectionTimeoutMS=timeout_ms, **options)
+
     def names(self):
         return [next(iter(command)) for command in self.commands]
 

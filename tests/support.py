@@ -2,6 +2,7 @@
 service on an ephemeral port, the server as a child process, and small
 helpers to call it."""
 
+import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -12,8 +13,12 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
+import mongomock
+import pymongo
+import pymongo.database
 from bson import ObjectId
 
 import image_service_pb2 as pb2
@@ -83,17 +88,37 @@ TEST_CONFIG = service_settings.Config(
     mongo_timeout_s=2.0, health_interval_s=0.1)
 
 
+def served_database(db):
+    """The database the server is given for a test's ``db``: a mongomock
+    one behind the in-memory stand-in, as ``--in-memory`` serves it; the real
+    MongoDB of TEST_MONGO_URI through pymongo's asyncio client; an
+    AsyncDatabase as it is."""
+    if isinstance(db, mongomock.Database):
+        return store.InMemoryDatabase(db)
+    if isinstance(db, pymongo.database.Database):
+        return pymongo.AsyncMongoClient(os.environ["TEST_MONGO_URI"])[db.name]
+    return db
+
+
+def delete_directly(db, model_ids, seconds=5, **options):
+    """The deletion itself, without the server, on its own event loop."""
+    return asyncio.run(server.delete_and_describe(served_database(db), model_ids, time.monotonic() + seconds,
+                                                  **options))
+
+
 @contextlib.contextmanager
 def serving(db, metrics=None, **settings_):
     """The service on an ephemeral port, and a stub for it."""
+    db = served_database(db)
     running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics)
-    # mongomock is not safe to use from two threads at once: let the first
-    # ping (and index check) pass before the test touches the database.
+    # The first ping (and index check) have passed before the test goes on.
     running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
     finally:
+        if isinstance(db.client, pymongo.AsyncMongoClient):
+            running.run(db.client.close(), timeout_s=10)
         running.stop(0)
 
 
@@ -125,8 +150,8 @@ def delete(stub_, model_id, **kwargs):
 
 @contextlib.contextmanager
 def serving_on(mongo_client, metrics=None, **settings_):
-    """The service on a real pymongo client, and a stub for it."""
-    with mongo_client, serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
+    """The service on a pymongo AsyncMongoClient (closed after), and a stub for it."""
+    with serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
         yield served
 
 

@@ -32,6 +32,7 @@ from support import (
     assert_store_consistent,
     delete,
     delete_batch,
+    delete_directly,
     everything,
     images_of,
     model_data,
@@ -279,7 +280,7 @@ ONE_ROUND = ["find", "find", "delete", "delete", "delete"]  # read, reference ch
 def test_a_delete_costs_six_commands_whatever_the_number_of_images_in_a_round(wire):
     for _ in range(25):
         upload(wire.db, "chair")
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert reply.deleted_images == 25
     assert wire.names() == [*ONE_ROUND, "find"]  # and a last read that finds none left
@@ -287,7 +288,7 @@ def test_a_delete_costs_six_commands_whatever_the_number_of_images_in_a_round(wi
 
 def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
     upload(wire.db, "chair")
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         delete(stub_, "chair")
     read, check, files, chunks, metadata, last_read = wire.commands
     assert (read["find"], check["find"], last_read["find"]) == ("images", "images", "images")
@@ -299,7 +300,7 @@ def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
 def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exact_totals():
     default_budget_s = service_settings.Config.mongo_timeout_s
     with (synthetic_mongo("huge", 1_000_000) as uri,
-          serving_on(pymongo.MongoClient(uri), mongo_timeout_s=default_budget_s) as (stub_, _, _)):
+          serving_on(pymongo.AsyncMongoClient(uri), mongo_timeout_s=default_budget_s) as (stub_, _, _)):
         replies = []
         while not replies or not replies[-1].success:
             replies.append(stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="huge"), timeout=60))
@@ -323,7 +324,7 @@ def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exa
 
 
 def test_a_model_without_images_costs_one_read(wire):
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         delete(stub_, "chair")
     assert wire.names() == ["find"]
 
@@ -335,7 +336,7 @@ def test_an_image_uploaded_during_the_delete_is_deleted_too_before_success_is_an
     upload(wire.db, "table")
     bystander = model_data(wire.db, "table")
     wire.faults[command] = lambda: upload(wire.db, "chair")
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 2, 2)
     assert images_of(wire.db, "chair") == []
@@ -348,13 +349,11 @@ def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
     for _ in range(5):
         upload(wire.db, "chair")
     second = []
-    with wire.client() as client:
-        db = client["CatalogServiceDB"]
-        # Between the first delete's read and its first delete, a second
-        # delete of the same model runs from start to end.
-        wire.faults[2] = lambda: second.extend(server.delete_and_describe(db, ["chair"],
-                                                                          time.monotonic() + 10))
-        (first,) = server.delete_and_describe(db, ["chair"], time.monotonic() + 10)
+    # Between the first delete's read and its first delete, a second delete
+    # of the same model runs from start to end.
+    database = "CatalogServiceDB"
+    wire.faults[2] = lambda: second.extend(delete_directly(wire.async_client()[database], ["chair"]))
+    (first,) = delete_directly(wire.async_client()[database], ["chair"])
     (second,) = second
     assert first.deleted_images + second.deleted_images == 5
     assert first.deleted_files + second.deleted_files == 5
@@ -393,7 +392,7 @@ def test_a_database_error_naming_the_password_is_logged_with_it_blanked(wire, ro
     wire.refused["find"] = (18, "AuthenticationFailed", f"cannot use {config.mongo_uri} (password s3cret@pw)")
     with open(tmp_path / "log", "w+") as stream:
         observability.configure_logging(config, stream)  # the real formatter, as the server writes
-        with serving_on(wire.client()) as (stub_, _, _):
+        with serving_on(wire.async_client()) as (stub_, _, _):
             reply = delete(stub_, "chair")
         stream.seek(0)
         text = stream.read()
@@ -407,7 +406,7 @@ def test_a_database_error_naming_the_password_is_logged_with_it_blanked(wire, ro
 def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(wire):
     upload(wire.db, "chair")
     wire.faults[1] = "error"
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         failed, retried = delete(stub_, "chair"), delete(stub_, "chair")
     assert (failed.success, failed.outcome) == (False, pb2.OUTCOME_INTERNAL)
     assert "injected" not in failed.message
@@ -478,7 +477,7 @@ def test_a_dry_run_batch_answers_per_model_and_changes_nothing(database, stub):
 def test_a_dry_run_sends_no_write_command(wire):
     for model_id in ("chair", "table"):
         upload(wire.db, model_id)
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
         stub_.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["chair", "table"],
                                                              validate_only=True),
@@ -561,7 +560,7 @@ def test_a_batch_costs_six_commands_whatever_its_size(wire, models):
     for i in range(models):
         upload(wire.db, f"model-{i}", data=b"jpeg")
         upload(wire.db, f"model-{i}", data=b"jpeg")
-    with serving_on(wire.client(), mongo_timeout_s=60) as (stub_, _, _):
+    with serving_on(wire.async_client(), mongo_timeout_s=60) as (stub_, _, _):
         results = delete_batch(stub_, [f"model-{i}" for i in range(models)], timeout=60)
     assert {(r.deleted_images, r.deleted_files) for r in results} == {(2, 2)}
     assert wire.names() == [*ONE_ROUND, "find"]
@@ -571,7 +570,7 @@ def test_a_batch_costs_six_commands_whatever_its_size(wire, models):
 def test_the_client_sends_several_ids_as_one_batch(wire, capsys):
     upload(wire.db, "chair")
     upload(wire.db, "table")
-    with serving_on(wire.client()) as (_, running, _):
+    with serving_on(wire.async_client()) as (_, running, _):
         code = client_cli.main(["chair", "table", "sofa", "--address", f"127.0.0.1:{running.port}"])
     assert code == 0 and len(capsys.readouterr().out.splitlines()) == 3
     assert wire.names() == [*ONE_ROUND, "find"]
@@ -592,7 +591,7 @@ def test_a_failure_at_any_command_leaves_a_state_the_next_call_completes(wire, c
     bystander = model_data(wire.db, "table")
     wire.faults[command] = fault
 
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         first = delete(stub_, "chair")
         assert command not in wire.faults, "the fault was not reached"
         if first.success:
@@ -650,7 +649,7 @@ def test_only_exact_matches_are_ever_deleted(model_id):
     for candidate in stored:
         upload(db, candidate, data=b"jpeg")
 
-    (reply,) = server.delete_and_describe(db, [model_id], deadline=time.monotonic() + 5)
+    (reply,) = delete_directly(db, [model_id])
 
     remaining = sorted(d["model_id"] for d in db.images.find())
     if reply.outcome == pb2.OUTCOME_INVALID_ARGUMENT:
@@ -779,7 +778,7 @@ def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire, monkeypatc
     monkeypatch.setattr(server, "ROUND_SIZE", 2)
     for _ in range(5):
         upload(wire.db, "chair")
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 5, 5)
     assert wire.names() == [*ONE_ROUND, *ONE_ROUND, *ONE_ROUND, "find"]  # 2 + 2 + 1, and none left
@@ -795,7 +794,7 @@ def test_a_call_whose_time_runs_out_between_rounds_says_how_much_it_removed_and_
     slow = threading.Event()
     # The first round takes most of a 1 s budget: no time for a second.
     wire.faults[1] = lambda: slow.wait(0.6)
-    with serving_on(wire.client(), mongo_timeout_s=1.0) as (stub_, _, _):
+    with serving_on(wire.async_client(), mongo_timeout_s=1.0) as (stub_, _, _):
         first = delete(stub_, "chair")
         second = delete(stub_, "chair")
     assert (first.success, first.outcome, first.deleted_images, first.deleted_files) == (
@@ -810,7 +809,7 @@ def test_a_failure_midway_still_reports_what_was_removed_before_it(wire, command
     for _ in range(2):
         upload(wire.db, "chair")
     wire.faults[command] = "error"
-    with serving_on(wire.client()) as (stub_, _, _):
+    with serving_on(wire.async_client()) as (stub_, _, _):
         failed = delete(stub_, "chair")
         retried = delete(stub_, "chair")
     removed_files = 2 if command > 3 else 0

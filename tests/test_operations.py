@@ -1,13 +1,13 @@
 """Operating it: metrics, the index check and --create-indexes, the systemd
 unit, and the orphan sweep."""
 
+import asyncio
 import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -18,7 +18,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import image_service_observability as observability
 import image_service_pb2 as pb2
-import image_service_server as server
 import image_service_settings as service_settings
 import image_service_store as store
 import image_service_sweep as orphan_sweep
@@ -29,6 +28,7 @@ from support import (
     assert_store_consistent,
     delete,
     delete_batch,
+    delete_directly,
     everything,
     images_of,
     model_data,
@@ -98,7 +98,7 @@ def test_mongodb_commands_are_timed_from_the_drivers_own_monitoring(wire):
     upload(wire.db, "chair")
     metrics = observability.Metrics()
     timer = observability.CommandTimer(metrics.mongodb_command_duration)
-    client = pymongo.MongoClient(wire.uri, event_listeners=[timer])
+    client = wire.async_client(event_listeners=[timer])
     with serving_on(client, metrics=metrics, metrics_port=0, metrics_host="127.0.0.1") as (stub_, running, _):
         delete(stub_, "chair")
         _, samples = scrape(running.running.metrics_port)
@@ -131,7 +131,7 @@ NOT_AUTHORIZED = (13, "Unauthorized", "not authorized on CatalogServiceDB to exe
 def test_a_user_not_allowed_to_list_indexes_gets_serving_health_and_working_deletes(wire):
     wire.refused["listIndexes"] = NOT_AUTHORIZED  # a role with find and remove only
     upload(wire.db, "chair")
-    with serving_on(wire.client()) as (stub_, running, channel):
+    with serving_on(wire.async_client()) as (stub_, running, channel):
         running.run(running.running.monitor.check())
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         reply = delete(stub_, "chair")
@@ -141,7 +141,7 @@ def test_a_user_not_allowed_to_list_indexes_gets_serving_health_and_working_dele
 
 def test_an_index_check_not_authorized_is_one_warning_that_it_could_not_check(wire, service_log):
     wire.refused["listIndexes"] = NOT_AUTHORIZED
-    with serving_on(wire.client()) as (_, running, _):
+    with serving_on(wire.async_client()) as (_, running, _):
         for _ in range(5):
             running.run(running.running.monitor.check())
     warnings = [r for r in service_log.records if r.levelno >= logging.WARNING]
@@ -330,7 +330,7 @@ def test_the_sweep_reads_image_ids_as_the_delete_does():
     db.images.update_one({"model_id": "table"}, {"$set": {"image_id": str(upper).upper()}})
     report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
     assert report == orphan_sweep.OrphanReport([], [], [])
-    (reply,) = server.delete_and_describe(db, ["chair"], deadline=time.monotonic() + 5)
+    (reply,) = delete_directly(db, ["chair"])
     assert (reply.deleted_images, reply.deleted_files) == (1, 1)
 
 
@@ -400,15 +400,19 @@ def test_apply_files_keeps_a_file_under_its_hex_string_id_referenced_since_the_s
 def test_a_delete_whose_caller_has_gone_is_still_counted_when_its_work_ends(wire, service_log):
     upload(wire.db, "chair")
     wire.hang()
-    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=1, metrics_port=0,
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=1, metrics_port=0,
                     metrics_host="127.0.0.1") as (stub_, running, _):
         call = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"))
         assert wire.arrivals.acquire(timeout=10)  # the read is held at MongoDB
         call.cancel()
         service_log.wait_for("status=CANCELLED")
         wire.recover()
-        # The one database thread takes this only once the delete is done.
-        running.running.database_threads.submit(lambda: None).result(timeout=10)
+        deletions = list(running.running.deletions)
+
+        async def ended():  # the delete goes on to its end
+            await asyncio.gather(*deletions)
+
+        running.run(ended(), timeout_s=10)
         _, samples = scrape(running.running.metrics_port)
     assert images_of(wire.db, "chair") == []
     assert samples["image_service_images_deleted_total", ()] == 1

@@ -175,7 +175,7 @@ def wait_for_status(updates, wanted):
 @pytest.mark.parametrize("service", ["", "image_service.ImageService"])
 def test_health_follows_mongodb_down_and_back_up(service):
     port = closed_port()
-    mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+    mongo = pymongo.AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
                                 serverSelectionTimeoutMS=100)
     with serving_on(mongo, mongo_timeout_s=0.2) as (_, _, channel):
         updates = watch_health(channel, service)
@@ -192,7 +192,7 @@ def test_health_follows_mongodb_down_and_back_up(service):
 
 def test_health_names_the_host_and_the_reason_when_mongodb_does_not_answer(service_log):
     port = closed_port()
-    mongo = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
+    mongo = pymongo.AsyncMongoClient(f"mongodb://127.0.0.1:{port}/?directConnection=true",
                                 serverSelectionTimeoutMS=100)
     with serving_on(mongo, mongo_timeout_s=0.2):
         record = service_log.wait_for("health: NOT_SERVING")
@@ -232,7 +232,7 @@ def test_reflection_can_be_turned_off(database):
 
 def test_a_client_deadline_bounds_the_database_work(wire):
     upload(wire.db, "chair")
-    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=4) as (stub_, _, _):
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=4) as (stub_, _, _):
         wire.hang()
         stuck = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=0.3)
                  for _ in range(30)]
@@ -249,7 +249,7 @@ def test_a_client_deadline_bounds_the_database_work(wire):
 
 
 def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
-    with serving_on(wire.client(), max_concurrent_rpcs=2) as (stub_, _, _):
+    with serving_on(wire.async_client(), max_concurrent_rpcs=2) as (stub_, _, _):
         wire.hang()
         held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=20)
                 for _ in range(2)]
@@ -263,7 +263,7 @@ def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
 
 
 def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full(wire):
-    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=3,
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=3,
                     max_concurrent_rpcs=3) as (stub_, _, channel):
         wire.hang()
         held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=30)
@@ -304,7 +304,7 @@ def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(databas
 
 def test_a_call_past_its_deadline_is_logged_and_counted_as_deadline_exceeded(wire, service_log):
     metrics = observability.Metrics()
-    with serving_on(wire.client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=1) as (
+    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=1) as (
             stub_, _, _):
         wire.hang()
         holding = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)
@@ -322,7 +322,7 @@ def test_a_call_past_its_deadline_is_logged_and_counted_as_deadline_exceeded(wir
 
 
 def test_a_cancelled_call_frees_its_admission_slot_at_once(wire):
-    mongo = wire.client(timeout_ms=30_000)
+    mongo = wire.async_client(timeout_ms=30_000)
     with serving_on(mongo, mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, running, _):
         wire.hang()
         first = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)
@@ -498,8 +498,8 @@ def test_every_refused_call_logs_one_line_with_method_status_and_peer_but_no_tok
 
 
 def test_a_shed_call_logs_one_line(wire, service_log):
-    with serving_on(wire.client(timeout_ms=30_000), mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, _,
-                                                                                                   _):
+    mongo = wire.async_client(timeout_ms=30_000)
+    with serving_on(mongo, mongo_timeout_s=30, max_concurrent_rpcs=1) as (stub_, _, _):
         wire.hang()
         held = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="held"), timeout=30)
         assert wire.arrivals.acquire(timeout=10)
