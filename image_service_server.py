@@ -22,7 +22,7 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
-Run ``python3 image_service_server.py --help`` for the command line.
+Run ``.venv/bin/python image_service_server.py --help`` for the command line.
 """
 
 import argparse
@@ -48,6 +48,8 @@ import pymongo.errors
 from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from pymongo.collation import Collation
+from pymongo.read_concern import ReadConcern
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
@@ -109,8 +111,13 @@ MAX_BATCH_SIZE = 1000
 # carries 5 spellings per file: about 1.2 MB for 10,000 files, far below
 # MongoDB's 16 MB; and a round stays well within the default 5 s budget.
 ROUND_SIZE = 10_000
+# The part of a caller's deadline kept for the reply, at least.
+REPLY_MARGIN_S = 0.05
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
+# Reads compare strings exactly, whatever default collation a collection
+# was created with: a case-insensitive one would read "Chair" for "chair".
+EXACT = Collation("simple")
 
 
 def invalid_model_id_reason(model_id):
@@ -204,7 +211,7 @@ async def read_images(db, forms_to_models, limit=0):
     ``find``."""
     read = ImagesRead()
     cursor = db.images.find(images_of(list(forms_to_models)), {"model_id": 1, "image_id": 1},
-                            limit=limit, batch_size=limit or READ_BATCH_SIZE)
+                            limit=limit, batch_size=limit or READ_BATCH_SIZE, collation=EXACT)
     async for document in cursor:
         read.add(forms_to_models[document["model_id"]], document)
     return read
@@ -212,13 +219,15 @@ async def read_images(db, forms_to_models, limit=0):
 
 async def files_referenced_elsewhere(db, file_ids, forms):
     """Those of ``file_ids`` that an ``images`` document of another model
-    references, in any spelling: one ``find`` by the ``image_id`` index per
-    ROUND_SIZE files."""
+    references, in any spelling: one ``aggregate`` by the ``image_id`` index
+    per ROUND_SIZE files, answering each spelling once, however many images
+    share a file (a placeholder image may be shared by millions)."""
     referenced = set()
     for batch in in_batches(file_ids, ROUND_SIZE):
-        query = {"$and": [references_filter(batch), images_of_other_models(forms)]}
-        async for document in db.images.find(query, {"image_id": 1}):
-            referenced.add(referenced_file_id(document.get("image_id")))
+        pipeline = [{"$match": {"$and": [references_filter(batch), images_of_other_models(forms)]}},
+                    {"$group": {"_id": "$image_id"}}]
+        async for spelling in await db.images.aggregate(pipeline, collation=EXACT):
+            referenced.add(referenced_file_id(spelling["_id"]))
     return referenced & set(file_ids)
 
 
@@ -247,22 +256,25 @@ def credit(found, model_ids, wanted, removed, field):
     return [count - share for count, share in zip(wanted, shares, strict=True)]
 
 
-async def remove_round(db, read, forms, found):
+async def remove_round(db, read, forms, found, deleted_earlier):
     """Deletes what one read found: the files no other model references,
     their chunks, then the documents read. Adds to ``found`` what MongoDB
     reports removed, command by command, so a failure midway still counts
-    what went before it."""
+    what went before it. ``deleted_earlier`` holds the files the call's
+    earlier rounds deleted (counted there); this round's are added."""
     model_ids = [model_id for model_id in found if read.metadata_ids[model_id]]
     owners = read.file_owners(model_ids)
-    kept = await files_referenced_elsewhere(db, list(owners), forms) if owners else set()
-    doomed = [file_id for file_id in owners if file_id not in kept]
+    candidates = [file_id for file_id in owners if file_id not in deleted_earlier]
+    kept = await files_referenced_elsewhere(db, candidates, forms) if candidates else set()
+    doomed = [file_id for file_id in candidates if file_id not in kept]
     for model_id in model_ids:
         images = found[model_id]
         images.found_images += len(read.metadata_ids[model_id])
         images.invalid_references += read.invalid_references[model_id]
         images.kept_files += len(read.file_ids[model_id] & kept)
         images.files_counted_earlier += sum(1 for file_id in read.file_ids[model_id] - kept
-                                            if owners[file_id] != model_id)
+                                            if owners[file_id] != model_id or file_id in deleted_earlier)
+    deleted_earlier.update(doomed)
     if doomed:
         stored_ids = stored_file_ids(doomed)
         removed = (await db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
@@ -285,13 +297,14 @@ async def delete_images_of_models(db, model_ids, found, deadline):
     so far."""
     forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
     forms = list(forms_to_models)
+    deleted_earlier = set()
     slowest = 0.0
     while True:
         started = time.monotonic()
         read = await read_images(db, forms_to_models, limit=ROUND_SIZE)
         if not read.metadata_ids:
             return True
-        await remove_round(db, read, forms, found)
+        await remove_round(db, read, forms, found, deleted_earlier)
         slowest = max(slowest, time.monotonic() - started)
         round_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
         if round_was_full and deadline - time.monotonic() < 2 * slowest:
@@ -309,7 +322,8 @@ async def preview_images_of_models(db, model_ids, found):
     lengths = collections.Counter()
     existing = set()
     for batch in in_batches([file_id for file_id in owners if file_id not in kept], ROUND_SIZE):
-        async for file in db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}):
+        files = db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}, collation=EXACT)
+        async for file in files:
             lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
             existing.add(gridfs_file_key(file["_id"]))
     for model_id in model_ids:
@@ -493,7 +507,11 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         # The budget runs from now: time spent waiting for a deletion slot
         # counts against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
-        budget = self._mongo_timeout_s if remaining is None else min(self._mongo_timeout_s, remaining)
+        budget = self._mongo_timeout_s
+        if remaining is not None:
+            # Stop short of the caller's deadline, so the reply saying what
+            # was removed still reaches it.
+            budget = min(budget, remaining - max(REPLY_MARGIN_S, remaining / 10))
         deadline = time.monotonic() + budget
         request_id = CURRENT_CALL.get().request_id
         deletion = asyncio.ensure_future(self._delete_and_count(model_ids, deadline, dry_run, request_id))
@@ -714,8 +732,8 @@ def parse_arguments(argv):
     parser.add_argument("--in-memory", action="store_true",
                         help="serve an in-memory MongoDB stand-in holding sample images (no MongoDB needed)")
     parser.add_argument("--create-indexes", action="store_true",
-                        help="create the indexes deletes need (images.model_id, GridFS's on fs.chunks),"
-                             " then exit")
+                        help="create the indexes deletes need (images.model_id, images.image_id,"
+                             " GridFS's on fs.chunks), then exit")
     sweep.add_arguments(parser)
     args = parser.parse_args(argv)
     sweep.check_arguments(parser, args)
@@ -736,9 +754,12 @@ def open_database(config, in_memory, event_listeners=(), serving=True):
         client = connect_to_mongo(config, event_listeners, client_class)
     except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
         raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
-    # Reads go to the primary, whatever the URI's readPreference: a lagging
-    # secondary would miss a recent upload, and the reply would say success.
-    db = client.get_database(config.mongo_db, read_preference=pymongo.ReadPreference.PRIMARY)
+    # Reads go to the primary, whatever the URI's readPreference, and see
+    # its own latest writes (read concern "local", whatever the URI says): a
+    # lagging secondary or an "available" read could miss a recent upload or
+    # see a deleted document again, and the reply would not tell the truth.
+    db = client.get_database(config.mongo_db, read_preference=pymongo.ReadPreference.PRIMARY,
+                             read_concern=ReadConcern("local"))
     return db, describe_database(config)
 
 

@@ -21,21 +21,23 @@ log = logging.getLogger("image_service.store")
 WHITESPACE = " \t\n\r\x0b\x0c"
 
 
-def referenced_file_id(image_id):
+def referenced_file_id(image_id, any_case=False):
     """The GridFS file an ``images`` document points at, as an ObjectId, or
     None if its ``image_id`` names none.
 
     The upload service writes the lower-case hex string, other writers the
     ObjectId itself; the hex in upper case, and either with surrounding
-    whitespace, name the same file. Mixed case does not: every spelling
-    accepted here is one that references_filter finds by index, so the
-    delete, the dry run and the sweep all decide with this one function.
+    whitespace, name the same file. For the delete and the dry run, mixed
+    case does not: every spelling they accept is one that references_filter
+    finds by index. The sweep, which removes for good what nothing
+    references, passes ``any_case`` and so keeps a file referenced even in
+    mixed case.
     """
     if isinstance(image_id, ObjectId):
         return image_id
     if isinstance(image_id, str):
         hex_id = image_id.strip(WHITESPACE)
-        if ObjectId.is_valid(hex_id) and hex_id in (hex_id.lower(), hex_id.upper()):
+        if ObjectId.is_valid(hex_id) and (any_case or hex_id in (hex_id.lower(), hex_id.upper())):
             return ObjectId(hex_id)
     return None
 
@@ -143,7 +145,7 @@ async def warn_about_missing_indexes(db):
         present[name] = await db[name].index_information()
     for index in missing_from(present):
         unique = ", {unique: true}" if index.unique else ""
-        log.warning("index missing on %s %s: %s; create it with: python3 image_service_server.py"
+        log.warning("index missing on %s %s: %s; create it with: .venv/bin/python image_service_server.py"
                     " --create-indexes (or db.getCollection(%r).createIndex(%s%s))",
                     index.collection, index.spec(), index.cost, index.collection, index.spec(), unique)
 
@@ -233,6 +235,9 @@ class _InMemoryCollection:
 
     def find(self, *args, **kwargs):
         return _InMemoryCursor(self._collection.find(*args, **kwargs))
+
+    async def aggregate(self, pipeline, **kwargs):
+        return _InMemoryCursor(self._collection.aggregate(pipeline, **kwargs))
 
     async def delete_many(self, query):
         return self._collection.delete_many(query)

@@ -34,7 +34,7 @@ def find_orphans(db, min_age_s, now=None):
     cutoff = now - datetime.timedelta(seconds=min_age_s)
     references = {}
     for document in db.images.find({}, {"image_id": 1}):
-        references[document["_id"]] = referenced_file_id(document.get("image_id"))
+        references[document["_id"]] = referenced_file_id(document.get("image_id"), any_case=True)
     files = {f["_id"]: f.get("uploadDate") for f in db["fs.files"].find({}, {"uploadDate": 1})}
     # A file whose _id is the hex string is the file its references name.
     file_keys = {gridfs_file_key(file_id) for file_id in files}
@@ -60,7 +60,7 @@ def references_to(db, file_ids):
     keys = {file_id: gridfs_file_key(file_id) for file_id in file_ids}
     named = [key for key in set(keys.values()) if isinstance(key, ObjectId)]
     documents = db.images.find(references_filter(named), {"image_id": 1})
-    referenced = {referenced_file_id(document.get("image_id")) for document in documents}
+    referenced = {referenced_file_id(document.get("image_id"), any_case=True) for document in documents}
     return {file_id for file_id, key in keys.items() if key in referenced}
 
 

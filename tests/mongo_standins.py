@@ -196,7 +196,7 @@ class SyntheticMongo(socketserver.ThreadingTCPServer):
         self.commands.append((name, str(command[name]), size))
         if name == "find" and "model_id" in command["filter"]:
             return {"cursor": self._images(command.get("limit", 0)), "ok": 1}
-        if name == "find" and "$and" in command["filter"]:  # other models' references to its files: none
+        if name == "aggregate":  # other models' references to its files: none
             return {"cursor": {"id": Int64(0), "ns": "CatalogServiceDB.images", "firstBatch": []}, "ok": 1}
         if name == "delete":
             ((_, condition),) = command["deletes"][0]["q"].items()

@@ -274,7 +274,8 @@ def test_one_line_is_logged_per_call(database, stub, caplog):
     assert "model_id='chair' outcome=OUTCOME_DELETED deleted_images=1 deleted_files=1 ms=" in line
 
 
-ONE_ROUND = ["find", "find", "delete", "delete", "delete"]  # read, reference check, files, chunks, metadata
+# The read, the reference check, then deletes of files, chunks and metadata:
+ONE_ROUND = ["find", "aggregate", "delete", "delete", "delete"]
 
 
 def test_a_delete_costs_six_commands_whatever_the_number_of_images_in_a_round(wire):
@@ -291,8 +292,8 @@ def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
     with serving_on(wire.async_client()) as (stub_, _, _):
         delete(stub_, "chair")
     read, check, files, chunks, metadata, last_read = wire.commands
-    assert (read["find"], check["find"], last_read["find"]) == ("images", "images", "images")
-    assert "image_id" in str(check["filter"])  # other models' references to the files
+    assert (read["find"], check["aggregate"], last_read["find"]) == ("images", "images", "images")
+    assert "image_id" in str(check["pipeline"])  # other models' references to the files
     assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
     assert set(metadata["deletes"][0]["q"]) == {"_id"}
 
@@ -317,8 +318,8 @@ def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exa
     assert max(size for _, _, size in report["commands"]) < 2 * 1024 * 1024  # MongoDB's limit: 16 MB
     if all(reply.outcome == pb2.OUTCOME_INCOMPLETE for reply in cut_short):  # no round was cut midway
         commands = [(name, collection) for name, collection, _ in report["commands"]]
-        one_round = [("find", "images"), ("find", "images"), ("delete", "fs.files"), ("delete", "fs.chunks"),
-                     ("delete", "images")]
+        one_round = [("find", "images"), ("aggregate", "images"), ("delete", "fs.files"),
+                     ("delete", "fs.chunks"), ("delete", "images")]
         # 100 rounds of 10,000, whatever the number of calls, then the read that finds none left:
         assert commands == one_round * 100 + [("find", "images")]
 
@@ -482,7 +483,8 @@ def test_a_dry_run_sends_no_write_command(wire):
         stub_.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["chair", "table"],
                                                              validate_only=True),
                                      timeout=10)
-    assert wire.names() == ["find"] * 6  # each: the read, the reference check, the files' lengths
+    # each: the read, the reference check, the files' lengths; no write
+    assert wire.names() == ["find", "aggregate", "find"] * 2
 
 
 def test_the_client_can_ask_for_a_dry_run(database, capsys):
@@ -840,6 +842,6 @@ def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
     finally:
         stand_in.stop()
     assert reply.success
-    reads = [command for command in stand_in.commands if "find" in command]
+    reads = [command for command in stand_in.commands if "find" in command or "aggregate" in command]
     assert len(reads) == 6  # the dry run's 3, the delete's 3
     assert all(command.get("$readPreference", {"mode": "primary"})["mode"] == "primary" for command in reads)
