@@ -260,8 +260,9 @@ async def remove_round(db, read, forms, found, deleted_earlier):
     """Deletes what one read found: the files no other model references,
     their chunks, then the documents read. Adds to ``found`` what MongoDB
     reports removed, command by command, so a failure midway still counts
-    what went before it. ``deleted_earlier`` holds the files the call's
-    earlier rounds deleted (counted there); this round's are added."""
+    what went before it. ``deleted_earlier`` maps the files the call's
+    earlier rounds deleted to the model counted for each; this round's are
+    added."""
     model_ids = [model_id for model_id in found if read.metadata_ids[model_id]]
     owners = read.file_owners(model_ids)
     candidates = [file_id for file_id in owners if file_id not in deleted_earlier]
@@ -272,9 +273,11 @@ async def remove_round(db, read, forms, found, deleted_earlier):
         images.found_images += len(read.metadata_ids[model_id])
         images.invalid_references += read.invalid_references[model_id]
         images.kept_files += len(read.file_ids[model_id] & kept)
-        images.files_counted_earlier += sum(1 for file_id in read.file_ids[model_id] - kept
-                                            if owners[file_id] != model_id or file_id in deleted_earlier)
-    deleted_earlier.update(doomed)
+        # A file named by two models of the batch is counted with one of them.
+        counted_with = [deleted_earlier.get(file_id, owners[file_id])
+                        for file_id in read.file_ids[model_id] - kept]
+        images.files_counted_earlier += sum(1 for counted in counted_with if counted != model_id)
+    deleted_earlier.update((file_id, owners[file_id]) for file_id in doomed)
     if doomed:
         stored_ids = stored_file_ids(doomed)
         removed = (await db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
@@ -297,7 +300,7 @@ async def delete_images_of_models(db, model_ids, found, deadline):
     so far."""
     forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
     forms = list(forms_to_models)
-    deleted_earlier = set()
+    deleted_earlier = {}
     slowest = 0.0
     while True:
         started = time.monotonic()

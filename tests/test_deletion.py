@@ -2,6 +2,7 @@
 order and how many commands, under failures, faults and arbitrary input;
 batches, dry runs and request ids."""
 
+import collections
 import datetime
 import filecmp
 import logging
@@ -13,6 +14,7 @@ import time
 import grpc
 import mongomock
 import pymongo
+import pymongo.monitoring
 import pytest
 from bson import ObjectId
 from hypothesis import given, settings
@@ -845,3 +847,75 @@ def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
     reads = [command for command in stand_in.commands if "find" in command or "aggregate" in command]
     assert len(reads) == 6  # the dry run's 3, the delete's 3
     assert all(command.get("$readPreference", {"mode": "primary"})["mode"] == "primary" for command in reads)
+
+
+def test_a_file_named_again_in_a_later_round_is_never_called_gone(wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    first = upload(wire.db, "chair")
+    upload(wire.db, "chair")
+    wire.db.images.insert_one({"name": "again.jpg", "image_id": str(first), "model_id": "chair"})
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 3, 2)
+    assert reply.message == "deleted 3 images and 2 files"
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_file_shared_with_a_model_of_a_later_round_is_counted_with_the_first_and_never_called_gone(
+        wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    shared = upload(wire.db, "chair")
+    upload(wire.db, "chair")
+    wire.db.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        chair, table = delete_batch(stub_, ["chair", "table"])
+    assert (chair.deleted_images, chair.deleted_files) == (2, 2)
+    assert (table.deleted_images, table.deleted_files) == (1, 0)
+    assert "gone" not in chair.message + table.message
+    assert "1 file shared with a model earlier in this batch, counted there" in table.message
+
+
+class ReplySizes(pymongo.monitoring.CommandListener):
+    """How many documents each command's reply carried, by command name."""
+
+    def __init__(self):
+        self.documents = collections.defaultdict(list)
+
+    def started(self, event):
+        pass
+
+    def succeeded(self, event):
+        cursor = event.reply.get("cursor", {})
+        self.documents[event.command_name].append(len(cursor.get("firstBatch", ())))
+
+    def failed(self, event):
+        pass
+
+
+def test_a_file_shared_by_thousands_of_images_costs_the_reference_check_one_row(wire):
+    shared = upload(wire.db, "chair")
+    wire.db.images.insert_many([{"name": f"copy-{n}.jpg", "image_id": str(shared), "model_id": f"m{n}"}
+                                for n in range(2000)])
+    sizes = ReplySizes()
+    with serving_on(wire.async_client(event_listeners=[sizes])) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert (reply.deleted_images, reply.deleted_files) == (1, 0)
+    assert sizes.documents["aggregate"] == [1]
+
+
+def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire):
+    upload(wire.db, "chair")
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        delete(stub_, "chair")
+        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
+    reads = [command for command in wire.commands if "find" in command or "aggregate" in command]
+    assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
+
+
+def test_a_delete_stops_short_of_the_callers_deadline_so_its_reply_arrives(wire):
+    upload(wire.db, "chair")
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30) as (stub_, _, _):
+        wire.hang()
+        reply = stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=1.0)
+        wire.recover()
+    assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
