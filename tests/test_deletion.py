@@ -67,7 +67,7 @@ def test_committed_stubs_match_the_proto(tmp_path):
     assert status == 0
     for name in ("image_service_pb2.py", "image_service_pb2.pyi", "image_service_pb2_grpc.py"):
         assert filecmp.cmp(tmp_path / name, os.path.join(HERE, name), shallow=False), (
-            f"{name} is stale: regenerate it with the command in the README")
+            f"{name} is stale: regenerate it with the command in docs/how-it-works.md")
 
 
 def test_the_original_contract_is_unchanged():
@@ -586,8 +586,8 @@ def leftovers(db, model_id):
 
 
 @pytest.mark.parametrize("fault", ["error", "drop-before", "drop-after"])
-@pytest.mark.parametrize("command", [1, 2, 3, 4], ids=["find", "delete-files", "delete-chunks",
-                                                       "delete-metadata"])
+@pytest.mark.parametrize("command", [1, 2, 3, 4, 5, 6], ids=["read", "reference-check", "delete-files",
+                                                             "delete-chunks", "delete-metadata", "last-read"])
 def test_a_failure_at_any_command_leaves_a_state_the_next_call_completes(wire, command, fault):
     for _ in range(3):
         upload(wire.db, "chair")
