@@ -147,7 +147,8 @@ class Result:
     @staticmethod
     def combine(results):
         return Result(results[0].scenario, sum(r.models for r in results), sum(r.seconds for r in results),
-                      [latency for r in results for latency in r.latencies_ms], sum(r.commands for r in results))
+                      [latency for r in results for latency in r.latencies_ms],
+                      sum(r.commands for r in results))
 
     def row(self):
         latencies = sorted(self.latencies_ms)
@@ -221,8 +222,8 @@ def run(args):
             # models, so that drift in the machine or the store hits all alike.
             per_round = args.models // args.rounds
             for round_number in range(args.rounds):
-                print(f"round {round_number + 1}/{args.rounds}: {len(scenarios)} scenarios x {per_round} models"
-                      f" x {args.images} images", file=sys.stderr, flush=True)
+                print(f"round {round_number + 1}/{args.rounds}: {len(scenarios)} scenarios"
+                      f" x {per_round} models x {args.images} images", file=sys.stderr, flush=True)
                 for number, (name, concurrency, per_call, make_calls) in enumerate(scenarios):
                     model_ids = seed(db, f"bench{round_number}-{number}", per_round, args.images, image)
                     results.append(measure(name, make_calls(model_ids), concurrency, per_call, counter))
@@ -245,9 +246,9 @@ def comparisons(rows, batch):
 def print_table(rows, extra, out=sys.stdout):
     columns = ["scenario", "models", "models_per_s", "call_p50_ms", "call_p99_ms", "commands_per_model"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)), file=out)
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)), file=out)
     for row in rows:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)), file=out)
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)), file=out)
     for name, value in extra.items():
         print(f"{name}: {value}", file=out)
 
@@ -323,7 +324,8 @@ def serving_rows(args):
                 for concurrency in (1, 10, 50):
                     rates, p50s, p99s = [], [], []
                     for round_number in range(args.rounds):
-                        pipe.send(("seed", f"s{concurrency}-{round_number}", args.serving_calls // args.rounds,
+                        pipe.send(("seed", f"s{concurrency}-{round_number}",
+                                   args.serving_calls // args.rounds,
                                    args.images if kind == "delete" else 0, args.image_kib))
                         model_ids = pipe.recv()
                         rate, p50, p99 = rate_and_latency([
@@ -331,9 +333,10 @@ def serving_rows(args):
                                 pb2.DeleteImageRequest(model_id=m), timeout=60), kind)
                             for m in model_ids], concurrency)
                         rates.append(rate), p50s.append(p50), p99s.append(p99)
-                    row = {"store": f"in memory +{latency_ms:g} ms", "servicer": kind, "concurrency": concurrency,
-                           "calls_per_s": round(statistics.median(rates), 1),
-                           "p50_ms": round(statistics.median(p50s), 2), "p99_ms": round(statistics.median(p99s), 2)}
+                    row = {"store": f"in memory +{latency_ms:g} ms", "servicer": kind,
+                           "concurrency": concurrency, "calls_per_s": round(statistics.median(rates), 1),
+                           "p50_ms": round(statistics.median(p50s), 2),
+                           "p99_ms": round(statistics.median(p99s), 2)}
                     rows.append(row)
                     print(f"  {row}", file=sys.stderr, flush=True)
     return rows
@@ -342,7 +345,8 @@ def serving_rows(args):
 def serving_ratios(rows):
     """Deletes/s over no-op calls/s, per store latency and concurrency."""
     rate = {(r["store"], r["servicer"], r["concurrency"]): r["calls_per_s"] for r in rows}
-    return {f"{store}, concurrency {c}: deletes/s over no-op calls/s": round(rate[store, "delete", c] / noop, 3)
+    return {f"{store}, concurrency {c}: deletes/s over no-op calls/s":
+            round(rate[store, "delete", c] / noop, 3)
             for (store, kind, c), noop in rate.items() if kind == "no-op" and c > 1}
 
 
@@ -624,9 +628,11 @@ def compare(args):
 
 def parse_arguments(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mongo-uri", help="a real MongoDB (default: in memory, with --latency-ms per command)")
+    parser.add_argument("--mongo-uri",
+                        help="a real MongoDB (default: in memory, with --latency-ms per command)")
     parser.add_argument("--database", default="ImageServiceBench", help="database to seed and empty")
-    parser.add_argument("--latency-ms", type=float, default=2.0, help="added to each in-memory database command")
+    parser.add_argument("--latency-ms", type=float, default=2.0,
+                        help="added to each in-memory database command")
     parser.add_argument("--models", type=int, default=400, help="models per scenario (N), over all rounds")
     parser.add_argument("--rounds", type=int, default=10, help="rounds the models are split into")
     parser.add_argument("--images", type=int, default=3, help="images per model (K)")
@@ -635,7 +641,8 @@ def parse_arguments(argv):
     parser.add_argument("--batch", type=int, default=40, help="models per batch call (B)")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results")
     parser.add_argument("--serving", action="store_true",
-                        help="measure the server itself instead: deletes against a no-op servicer, and health")
+                        help="measure the server itself instead: deletes against a no-op servicer,"
+                             " and health")
     parser.add_argument("--serving-calls", type=int, default=1500, help="calls per serving scenario")
     parser.add_argument("--health", action="store_true",
                         help="measure only health Check latency while MongoDB hangs and admission is full")
@@ -657,8 +664,8 @@ def parse_arguments(argv):
 def print_serving(rows, ratios, health, out=sys.stdout):
     columns = ["store", "servicer", "concurrency", "calls_per_s", "p50_ms", "p99_ms"]
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in columns]
-    for row in [dict(zip(columns, columns)), *rows]:
-        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths)), file=out)
+    for row in [dict(zip(columns, columns, strict=True)), *rows]:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(columns, widths, strict=True)), file=out)
     for name, value in ratios.items():
         print(f"{name}: {value}", file=out)
     print(f"health Check while MongoDB hangs and the admission bound is full: {health}", file=out)
@@ -680,7 +687,8 @@ def main(argv=None):
         ratios, health = serving_ratios(rows), health_under_saturation()
         print_serving(rows, ratios, health)
         with open(args.json, "w") as file:
-            json.dump({"settings": vars(args), "serving": rows, "ratios": ratios, "health": health}, file, indent=2)
+            json.dump({"settings": vars(args), "serving": rows, "ratios": ratios, "health": health},
+                      file, indent=2)
         return
     rows = run(args)
     extra = comparisons(rows, args.batch)
