@@ -3,6 +3,8 @@
     python3 bench_image_service.py                    # in memory, 2 ms added per database command
     python3 bench_image_service.py --mongo-uri URI    # a real MongoDB (use a scratch database)
     python3 bench_image_service.py --serving          # the server itself, against a no-op servicer
+    python3 bench_image_service.py --compare          # side by side with the original algorithm, over TCP
+    python3 bench_image_service.py --health           # health Check while MongoDB hangs, admission full
 
 It starts the server in-process on a free loopback port, seeds N models of K
 images each, shaped as the upload service writes them, and measures:
@@ -18,6 +20,18 @@ images each, shaped as the upload service writes them, and measures:
   deletes at concurrency 1, 10 and 50 against the same calls to a no-op
   servicer on the same server setup (the gRPC floor), and health Check
   latency while MongoDB hangs and the admission bound is full.
+
+With --compare, no store is in memory: a no-op synchronous server, the
+original algorithm (a synchronous server with 10 threads: find_one, then
+GridFS delete, then delete_one) and this service (wired as main() wires it,
+default settings) each run in a process of their own against
+bench_mongo_standin.py, a MongoDB wire-protocol responder that stores
+nothing, with --db-latency-ms added per command. A load generator in another
+process deletes a distinct 1-image model per call, at each --callers count;
+one table per latency gives deletes/s, p50, p99 and the server process's CPU
+per delete (from /proc), median and range of --repeat runs, and this
+service's ratios to the original. --candidate NAME=PATH adds a modified copy
+of image_service_server.py as a row, to measure a change before making it.
 
 Database commands are counted by the in-memory store's wrapper, or by pymongo
 command monitoring on a real server. Progress goes to stderr, a results table
