@@ -65,6 +65,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 from bench_mongo_standin import standin_process
+from image_service_store import InMemoryDatabase, referenced_file_id, store_image
 
 
 class CommandCounter(monitoring.CommandListener):
@@ -89,65 +90,100 @@ class CommandCounter(monitoring.CommandListener):
 
 
 class _SlowCollection:
-    """A mongomock collection whose every command costs ``latency_s`` and is counted."""
+    """The in-memory stand-in's collection, every command of which costs
+    ``latency_s`` (awaited, as a network round trip is) and is counted."""
 
     def __init__(self, collection, latency_s, counter):
         self._collection, self._latency_s, self._counter = collection, latency_s, counter
 
-    def _command(self, method):
-        def call(*args, **kwargs):
-            with self._counter._lock:
-                self._counter.count += 1
-            time.sleep(self._latency_s)
-            return method(*args, **kwargs)
-        return call
+    async def _arrive(self):
+        with self._counter._lock:
+            self._counter.count += 1
+        await asyncio.sleep(self._latency_s)
 
-    def __getattr__(self, name):
-        attribute = getattr(self._collection, name)
-        return self._command(attribute) if name in ("find", "delete_many") else attribute
+    def find(self, *args, **kwargs):
+        return _SlowCursor(self._arrive(), self._collection.find(*args, **kwargs))
+
+    async def aggregate(self, *args, **kwargs):
+        await self._arrive()
+        return await self._collection.aggregate(*args, **kwargs)
+
+    async def delete_many(self, *args, **kwargs):
+        await self._arrive()
+        return await self._collection.delete_many(*args, **kwargs)
+
+    async def index_information(self):
+        return await self._collection.index_information()
+
+
+class _SlowCursor:
+    def __init__(self, arrival, cursor):
+        self._arrival, self._cursor = arrival, cursor
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self._arrival is not None:
+            arrival, self._arrival = self._arrival, None
+            await arrival
+        return await self._cursor.__anext__()
 
 
 class SlowDatabase:
-    """A mongomock database standing in for one across a network."""
+    """The in-memory stand-in (mongomock) as if across a network: ``sync``
+    is the mongomock database itself, for seeding."""
 
     def __init__(self, db, latency_s, counter):
-        self._db, self._latency_s, self._counter = db, latency_s, counter
-        self.client = db.client
+        self.sync = db
+        self._db, self._latency_s, self._counter = InMemoryDatabase(db), latency_s, counter
+        self.client = self._db.client
         self.name = db.name
 
     def __getitem__(self, name):
         return _SlowCollection(self._db[name], self._latency_s, self._counter)
 
     def __getattr__(self, name):
+        if name.startswith("_"):
+            raise AttributeError(name)
         return self[name]
 
 
 def open_database(args):
-    """The database under test and its command counter."""
+    """The database under test, its command counter, and a synchronous
+    handle on it for seeding."""
     counter = CommandCounter()
     if args.mongo_uri:
-        client = pymongo.MongoClient(args.mongo_uri, event_listeners=[counter])
-        return client[args.database], counter
+        client = pymongo.AsyncMongoClient(args.mongo_uri, event_listeners=[counter])
+        return client[args.database], counter, pymongo.MongoClient(args.mongo_uri)[args.database]
     import mongomock
 
-    return SlowDatabase(mongomock.MongoClient()[args.database], args.latency_ms / 1000, counter), counter
+    db = SlowDatabase(mongomock.MongoClient()[args.database], args.latency_ms / 1000, counter)
+    return db, counter, db.sync
 
 
 def seed(db, prefix, models, images, image_bytes):
+    """Models stored as the upload service stores them, through a
+    synchronous handle on the database (``SlowDatabase.sync``, say)."""
     model_ids = [f"{prefix}-{i}" for i in range(models)]
     for model_id in model_ids:
         for _ in range(images):
-            server.store_image(db, model_id, image_bytes)
+            store_image(db, model_id, image_bytes)
     return model_ids
 
 
-def plain_sequence(db, model_id):
+async def direct_delete(db, model_id):
+    """The service's deletion of one model, without gRPC."""
+    return await server.delete_and_describe(db, [model_id], time.monotonic() + 60)
+
+
+async def plain_sequence(db, model_id):
     """The plain find / delete files / delete chunks / delete metadata sequence."""
-    documents = list(db.images.find({"model_id": model_id}, {"image_id": 1}))
-    file_ids = [server.referenced_file_id(d["image_id"]) for d in documents]
-    db["fs.files"].delete_many({"_id": {"$in": file_ids}})
-    db["fs.chunks"].delete_many({"files_id": {"$in": file_ids}})
-    db.images.delete_many({"_id": {"$in": [d["_id"] for d in documents]}})
+    documents = [document async for document in db.images.find({"model_id": model_id}, {"image_id": 1})]
+    file_ids = [referenced_file_id(d["image_id"]) for d in documents]
+    await db["fs.files"].delete_many({"_id": {"$in": file_ids}})
+    await db["fs.chunks"].delete_many({"files_id": {"$in": file_ids}})
+    await db.images.delete_many({"_id": {"$in": [d["_id"] for d in documents]}})
 
 
 @dataclasses.dataclass
@@ -200,7 +236,7 @@ def check_single(reply, kind="delete"):
 
 
 def run(args):
-    db, counter = open_database(args)
+    db, counter, sync_db = open_database(args)
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_workers=max(args.concurrency, 4), mongo_timeout_s=60)
     running = server.BackgroundServer(config, db)
@@ -223,9 +259,9 @@ def run(args):
 
             scenarios = [
                 ("plain 4-command sequence, direct", 1, 1,
-                 lambda ids: [lambda m=m: plain_sequence(db, m) for m in ids]),
+                 lambda ids: [lambda m=m: asyncio.run(plain_sequence(db, m)) for m in ids]),
                 ("service deletion, direct", 1, 1,
-                 lambda ids: [lambda m=m: server.delete_images_of_models(db, [m]) for m in ids]),
+                 lambda ids: [lambda m=m: asyncio.run(direct_delete(db, m)) for m in ids]),
                 ("DeleteImageByModelId, concurrency 1", 1, 1, lambda ids: [single(m) for m in ids]),
                 (f"DeleteImageByModelId, concurrency {args.concurrency}", args.concurrency, 1,
                  lambda ids: [single(m) for m in ids]),
@@ -239,7 +275,7 @@ def run(args):
                 print(f"round {round_number + 1}/{args.rounds}: {len(scenarios)} scenarios"
                       f" x {per_round} models x {args.images} images", file=sys.stderr, flush=True)
                 for number, (name, concurrency, per_call, make_calls) in enumerate(scenarios):
-                    model_ids = seed(db, f"bench{round_number}-{number}", per_round, args.images, image)
+                    model_ids = seed(sync_db, f"bench{round_number}-{number}", per_round, args.images, image)
                     results.append(measure(name, make_calls(model_ids), concurrency, per_call, counter))
     finally:
         running.stop(0)
@@ -291,7 +327,7 @@ def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
     connection.send(running.port)
     while (message := connection.recv())[0] == "seed":
         _, prefix, models, images, image_kib = message
-        connection.send(seed(db, prefix, models, images, bytes(image_kib * 1024)))
+        connection.send(seed(db.sync, prefix, models, images, bytes(image_kib * 1024)))
     running.stop(0)
 
 
