@@ -3,8 +3,10 @@
 It answers the real driver over TCP (OP_QUERY for the legacy handshake,
 OP_MSG for the rest) at once, or after a fixed added latency per command,
 so that what a benchmark measures is each gRPC server's own work and not a
-database's. Every ``find`` on ``images`` finds one image of the model asked
-for; every ``delete`` removes as many documents as ids it names. It runs on
+database's. Every model asked for has one image, until it is deleted: the
+only thing the stand-in remembers is which images were (so that a read
+after the delete finds none left). No other model references its file;
+every other ``delete`` removes as many documents as ids it names. It runs on
 one asyncio event loop in a process of its own (``standin_process``), so
 its CPU is never counted as a server's.
 
@@ -14,6 +16,7 @@ its CPU is never counted as a server's.
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import multiprocessing
 import struct
 
@@ -53,8 +56,27 @@ def op_msg_command(body):
     return command
 
 
-def one_image_of(model_id):
-    return {"_id": ObjectId(), "image_id": str(ObjectId()), "model_id": model_id}
+DELETED_IMAGES = set()
+
+
+def image_of(model_id):
+    """The one image of a model, the same at every read."""
+    digest = hashlib.blake2b(model_id.encode(), digest_size=24).digest()
+    return {"_id": ObjectId(digest[:12]), "image_id": digest[12:].hex(), "model_id": model_id}
+
+
+def images_of(query):
+    """The images a read by ``model_id`` (equal, or ``$in``) finds."""
+    wanted = query.get("model_id")
+    model_ids = wanted.get("$in", []) if isinstance(wanted, dict) else [wanted]
+    images = [image_of(model_id) for model_id in model_ids if isinstance(model_id, str)]
+    return [image for image in images if image["_id"] not in DELETED_IMAGES]
+
+
+def remember_deleted_images(command):
+    for statement in command["deletes"]:
+        condition = statement["q"].get("_id")
+        DELETED_IMAGES.update(condition["$in"] if isinstance(condition, dict) else [condition])
 
 
 def deleted_count(command):
@@ -77,9 +99,12 @@ def answer(command):
         return HELLO
     namespace = f"{command.get('$db', 'admin')}.{command[name]}"
     if name == "find":
-        model_id = command.get("filter", {}).get("model_id")
-        return cursor(namespace, [one_image_of(model_id)] if command[name] == "images" else [])
+        return cursor(namespace, images_of(command.get("filter", {})) if command[name] == "images" else [])
+    if name == "aggregate":  # other models' references to a file: none
+        return cursor(namespace, [])
     if name == "delete":
+        if command[name] == "images":
+            remember_deleted_images(command)
         return {"n": deleted_count(command), "ok": 1}
     if name == "getMore":
         return {"cursor": {"id": Int64(0), "ns": namespace, "nextBatch": []}, "ok": 1}
