@@ -609,7 +609,8 @@ def compare_at_latency(args, latency_ms):
         for repeat in range(args.repeat):
             for callers in args.callers:
                 for kind in servers["pids"]:
-                    tag = f"{latency_ms}-{repeat}-{callers}"
+                    # Each server deletes models of its own: the stand-in remembers deletions.
+                    tag = f"{kind}-{latency_ms}-{repeat}-{callers}"
                     cell = measure_cell(load, servers, kind, callers, args.calls, tag)
                     cells[kind, callers].append(cell)
                     print(f"  +{latency_ms:g} ms, repeat {repeat + 1}, {callers} callers, {kind}: "

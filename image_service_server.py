@@ -18,7 +18,10 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_observability.py``: metrics, driver command timing, the
   log format, the MongoDB health monitor;
 - ``image_service_store.py``: what the upload service writes, how an
-  ``image_id`` names a GridFS file, the indexes, the in-memory sample store;
+  ``image_id`` names a GridFS file, the indexes, opening the database (reads
+  on the primary), the in-memory sample store;
+- ``image_service_replies.py``: each model's account of a delete, and the
+  reply messages and outcomes built from it;
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
@@ -49,7 +52,6 @@ from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from pymongo.collation import Collation
-from pymongo.read_concern import ReadConcern
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
@@ -63,11 +65,19 @@ from image_service_observability import (
     describe_failure,
     start_metrics_endpoint,
 )
+from image_service_replies import (
+    MAX_MODEL_ID_LENGTH,
+    ModelImages,
+    classify_failure,
+    credit,
+    cut_for_reply,
+    repeat_reply,
+    reply_for,
+)
 from image_service_settings import (
     ConfigError,
     check_listen_address,
     check_listeners_apart,
-    describe_database,
     dotenv_permission_warning,
     host_in_uri,
     load_config,
@@ -76,12 +86,11 @@ from image_service_settings import (
 )
 from image_service_store import (
     SAMPLE_MODELS,
-    InMemoryDatabase,
     create_indexes,
     describe_indexes,
     gridfs_file_key,
     in_batches,
-    open_in_memory_database,
+    open_database,
     referenced_file_id,
     references_filter,
     stored_file_ids,
@@ -105,7 +114,6 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # first, the reply says how much was removed and that more remains, and the
 # next call goes on from there.
 
-MAX_MODEL_ID_LENGTH = 256
 MAX_BATCH_SIZE = 1000
 # Images per round. The largest command of a round, the reference check,
 # carries 5 spellings per file: about 1.2 MB for 10,000 files, far below
@@ -154,29 +162,8 @@ def images_of_other_models(forms):
     return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
 
 
-def cut_for_reply(model_id):
-    """A model id as a reply may carry it. An invalid one can be megabytes
-    long; cut, and marked so, a batch of them stays far below a caller's
-    4 MB receive limit."""
-    if len(model_id) <= MAX_MODEL_ID_LENGTH:
-        return model_id
-    return f"{model_id[:MAX_MODEL_ID_LENGTH]}...[cut from {len(model_id)} characters]"
 
 
-@dataclasses.dataclass
-class ModelImages:
-    """What a delete found of one model and what removing it did, over all
-    its rounds. Removals are counted as MongoDB reported them."""
-
-    found_images: int = 0
-    deleted_images: int = 0
-    deleted_files: int = 0
-    kept_files: int = 0  # still referenced by another model
-    missing_files: int = 0  # referenced, but already gone
-    files_counted_earlier: int = 0  # shared with a model earlier in the batch
-    invalid_references: int = 0
-    counts_shared_out: bool = False
-    file_bytes: int = 0  # dry runs only
 
 
 @dataclasses.dataclass
@@ -231,29 +218,8 @@ async def files_referenced_elsewhere(db, file_ids, forms):
     return referenced & set(file_ids)
 
 
-def split_among_models(wanted, removed):
-    """Splits the ``removed`` count among models that wanted ``wanted[i]``
-    each. Exact for one model, and whenever everything wanted was removed;
-    otherwise (a concurrent delete, files already gone) the shortfall is
-    taken from the last models, so the shares still add up to ``removed``."""
-    shortfall, shares = sum(wanted) - removed, []
-    for count in reversed(wanted):
-        taken = min(count, shortfall)
-        shortfall -= taken
-        shares.append(count - taken)
-    return shares[::-1]
 
 
-def credit(found, model_ids, wanted, removed, field):
-    """Adds what MongoDB ``removed`` to the models' ``field``, shared out as
-    they ``wanted`` it; returns each model's shortfall."""
-    shares = split_among_models(wanted, removed)
-    shared_out = sum(1 for count in wanted if count) > 1 and removed != sum(wanted)
-    for model_id, count, share in zip(model_ids, wanted, shares, strict=True):
-        images = found[model_id]
-        setattr(images, field, getattr(images, field) + share)
-        images.counts_shared_out |= shared_out and count > 0
-    return [count - share for count, share in zip(wanted, shares, strict=True)]
 
 
 async def remove_round(db, read, forms, found, deleted_earlier):
@@ -337,106 +303,18 @@ async def preview_images_of_models(db, model_ids, found):
         images.file_bytes = sum(lengths[file_id] for file_id in own)
 
 
-def _plural(count, noun):
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
-def preview_reply(model_id, images):
-    """The reply for one model in a dry run."""
-    notes = [f"would delete {_plural(images.deleted_images, 'image')} and"
-             f" {_plural(images.deleted_files, 'file')} ({images.file_bytes} bytes)"]
-    if images.kept_files:
-        notes.append(f"would keep {_plural(images.kept_files, 'file')} referenced by another model")
-    return pb2.DeleteImageResponse(
-        success=True,
-        outcome=pb2.OUTCOME_DELETED if images.deleted_images else pb2.OUTCOME_NOTHING_TO_DELETE,
-        model_id=model_id,
-        deleted_images=images.deleted_images,
-        deleted_files=images.deleted_files,
-        file_bytes=images.file_bytes,
-        message="; ".join(notes) + "; nothing was changed",
-    )
 
 
-def deletion_notes(images):
-    """What a reply says about a model's removal, beyond the counts."""
-    notes = []
-    if images.kept_files:
-        notes.append(f"kept {_plural(images.kept_files, 'file')} still referenced by another model")
-    if images.files_counted_earlier:
-        notes.append(f"{_plural(images.files_counted_earlier, 'file')} shared with a model earlier in this"
-                     " batch, counted there")
-    if images.counts_shared_out:
-        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
-                     " delete removed some images first")
-    else:
-        if images.missing_files:
-            notes.append(f"{_plural(images.missing_files, 'reference')} to a file already gone")
-        if images.found_images > images.deleted_images:
-            taken = images.found_images - images.deleted_images
-            notes.append(f"{taken} removed by a concurrent delete first")
-    if images.invalid_references:
-        notes.append(f"{_plural(images.invalid_references, 'reference')} had no valid file id")
-    return notes
 
 
-def deletion_reply(model_id, images):
-    """The reply for one model none of whose images remains."""
-    if images.deleted_images == 0 and images.deleted_files == 0 and not images.kept_files:
-        gone = (f"; a concurrent delete removed its {_plural(images.found_images, 'image')} first"
-                if images.found_images else "")
-        return pb2.DeleteImageResponse(
-            success=True,
-            outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
-            model_id=model_id,
-            message=f"no images of model {model_id!r}; nothing to delete{gone}",
-        )
-    counts = f"deleted {_plural(images.deleted_images, 'image')} and {_plural(images.deleted_files, 'file')}"
-    return pb2.DeleteImageResponse(
-        success=True,
-        outcome=pb2.OUTCOME_DELETED,
-        model_id=model_id,
-        deleted_images=images.deleted_images,
-        deleted_files=images.deleted_files,
-        message="; ".join([counts, *deletion_notes(images)]),
-    )
 
 
-def unfinished_reply(model_id, images, outcome, reason):
-    """The reply for one model whose images may not all be gone: success is
-    false, and the counts say what this call removed all the same."""
-    removed = ""
-    if images.deleted_images or images.deleted_files:
-        removed = (f"; deleted {_plural(images.deleted_images, 'image')} and"
-                   f" {_plural(images.deleted_files, 'file')} first")
-    return pb2.DeleteImageResponse(
-        success=False,
-        outcome=outcome,
-        model_id=model_id,
-        deleted_images=images.deleted_images,
-        deleted_files=images.deleted_files,
-        message=reason + removed,
-    )
 
 
-def repeat_reply(first):
-    """The reply for a model named again in the same batch: the same result,
-    with the counts left to the first mention."""
-    return pb2.DeleteImageResponse(
-        success=first.success, outcome=first.outcome, model_id=first.model_id,
-        message="named earlier in this batch: see the result for its first mention, which counts its images")
 
 
-def classify_failure(error):
-    """The outcome and caller-safe message for a failed database call.
-
-    The driver's own text stays in the server log (redacted): it can name
-    hosts and users, and callers can do nothing with it.
-    """
-    unavailable = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout)
-    if isinstance(error, unavailable) or getattr(error, "timeout", False):
-        return pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later"
-    return pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log"
 
 
 async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
@@ -472,20 +350,11 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
         elif model_id in first_reply:
             replies.append(repeat_reply(first_reply[model_id]))
         else:
-            replies.append(_reply(model_id, found[model_id], dry_run, finished, failure))
+            replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
             first_reply[model_id] = replies[-1]
     return replies
 
 
-def _reply(model_id, images, dry_run, finished, failure):
-    if failure:
-        return unfinished_reply(model_id, images, failure[0], failure[1])
-    if dry_run:
-        return preview_reply(model_id, images)
-    if not finished:
-        return unfinished_reply(model_id, images, pb2.OUTCOME_INCOMPLETE,
-                                "more images remain: this call's time ran out; call again to continue")
-    return deletion_reply(model_id, images)
 
 
 # ---------------------------------------------------------------------------
@@ -556,22 +425,6 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
 # ---------------------------------------------------------------------------
 # Building and serving
 # ---------------------------------------------------------------------------
-
-
-def connect_to_mongo(config, event_listeners=(), client_class=pymongo.AsyncMongoClient):
-    """A client whose every wait is bounded by MONGO_TIMEOUT_MS, not the
-    driver's 30 s default: the asyncio client the server runs on, or (for
-    the operator's tools) another class. It connects lazily, so start-up
-    never blocks."""
-    timeout_ms = int(config.mongo_timeout_s * 1000)
-    return client_class(
-        config.mongo_uri,
-        appname="image-service",
-        serverSelectionTimeoutMS=timeout_ms,
-        connectTimeoutMS=timeout_ms,
-        connect=False,
-        event_listeners=list(event_listeners),
-    )
 
 
 @dataclasses.dataclass
@@ -743,27 +596,6 @@ def parse_arguments(argv):
     if args.create_indexes and args.sweep_orphans:
         parser.error("--create-indexes and --sweep-orphans are separate runs")
     return args
-
-
-def open_database(config, in_memory, event_listeners=(), serving=True):
-    """The database, and how to describe it in the log: for serving, on
-    pymongo's asyncio client (or the in-memory stand-in behind the same
-    methods); for the operator's tools, on the synchronous one."""
-    if in_memory:
-        db = open_in_memory_database(config.mongo_db)
-        return InMemoryDatabase(db) if serving else db, f"in-memory stand-in/{config.mongo_db}"
-    client_class = pymongo.AsyncMongoClient if serving else pymongo.MongoClient
-    try:
-        client = connect_to_mongo(config, event_listeners, client_class)
-    except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
-        raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
-    # Reads go to the primary, whatever the URI's readPreference, and see
-    # its own latest writes (read concern "local", whatever the URI says): a
-    # lagging secondary or an "available" read could miss a recent upload or
-    # see a deleted document again, and the reply would not tell the truth.
-    db = client.get_database(config.mongo_db, read_preference=pymongo.ReadPreference.PRIMARY,
-                             read_concern=ReadConcern("local"))
-    return db, describe_database(config)
 
 
 def main(argv=None):

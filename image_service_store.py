@@ -1,18 +1,24 @@
-"""The image store's shape: what the upload service writes, and how to read it.
+"""The image store: what the upload service writes, how to read it, how to open it.
 
 This module owns what the deletion and the operator's tools agree on about
 the data: how the upload service stores an image (a GridFS file in bucket
 ``fs``, then an ``images`` document naming it), how an ``image_id`` names a
 GridFS file, the indexes deletes need (checked at start, created by
-``--create-indexes``), and the in-memory stand-in with sample images that
-``--in-memory`` serves.
+``--create-indexes``), opening the database (every wait bounded by
+MONGO_TIMEOUT_MS; reads on the primary), and the in-memory stand-in with
+sample images that ``--in-memory`` serves.
 """
 
 import dataclasses
 import datetime
 import logging
 
+import pymongo
+import pymongo.errors
 from bson import ObjectId, Regex
+from pymongo.read_concern import ReadConcern
+
+from image_service_settings import ConfigError, describe_database, redact
 
 log = logging.getLogger("image_service.store")
 
@@ -258,3 +264,45 @@ class _InMemoryCursor:
             return next(self._cursor)
         except StopIteration:
             raise StopAsyncIteration from None
+
+
+# ---------------------------------------------------------------------------
+# Opening the store
+# ---------------------------------------------------------------------------
+
+
+def connect_to_mongo(config, event_listeners=(), client_class=pymongo.AsyncMongoClient):
+    """A client whose every wait is bounded by MONGO_TIMEOUT_MS, not the
+    driver's 30 s default: the asyncio client the server runs on, or (for
+    the operator's tools) another class. It connects lazily, so start-up
+    never blocks."""
+    timeout_ms = int(config.mongo_timeout_s * 1000)
+    return client_class(
+        config.mongo_uri,
+        appname="image-service",
+        serverSelectionTimeoutMS=timeout_ms,
+        connectTimeoutMS=timeout_ms,
+        connect=False,
+        event_listeners=list(event_listeners),
+    )
+
+
+def open_database(config, in_memory, event_listeners=(), serving=True):
+    """The database, and how to describe it in the log: for serving, on
+    pymongo's asyncio client (or the in-memory stand-in behind the same
+    methods); for the operator's tools, on the synchronous one."""
+    if in_memory:
+        db = open_in_memory_database(config.mongo_db)
+        return InMemoryDatabase(db) if serving else db, f"in-memory stand-in/{config.mongo_db}"
+    client_class = pymongo.AsyncMongoClient if serving else pymongo.MongoClient
+    try:
+        client = connect_to_mongo(config, event_listeners, client_class)
+    except (pymongo.errors.ConfigurationError, ValueError) as error:  # The driver's words for a bad URI.
+        raise ConfigError(f"MONGO_URI: {redact(str(error).splitlines()[0], config.secrets)}") from None
+    # Reads go to the primary, whatever the URI's readPreference, and see
+    # its own latest writes (read concern "local", whatever the URI says): a
+    # lagging secondary or an "available" read could miss a recent upload or
+    # see a deleted document again, and the reply would not tell the truth.
+    db = client.get_database(config.mongo_db, read_preference=pymongo.ReadPreference.PRIMARY,
+                             read_concern=ReadConcern("local"))
+    return db, describe_database(config)

@@ -25,6 +25,7 @@ import image_service_observability as observability
 import image_service_pb2 as pb2
 import image_service_server as server
 import image_service_settings as service_settings
+import image_service_store as store
 from mongo_standins import WireMongo, closed_port, silent_socket, synthetic_mongo
 from support import (
     HERE,
@@ -369,7 +370,7 @@ def test_an_unreachable_database_is_reported_as_unavailable_within_mongo_timeout
     config = service_settings.load_config({"MONGO_USER": "svc", "MONGO_PASSWORD": "s3cret@pw-0123456789",
                                  "MONGO_HOST": "127.0.0.1",
                                  "MONGO_PORT": str(closed_port()), "MONGO_TIMEOUT_MS": "300"})
-    with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
+    with serving_on(store.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
         started = time.monotonic()
         reply = delete(stub_, "chair")
         elapsed = time.monotonic() - started
@@ -382,7 +383,7 @@ def test_a_failed_delete_is_one_short_warning_naming_the_request_the_host_and_th
     port = closed_port()
     config = service_settings.load_config({"MONGO_HOST": "127.0.0.1", "MONGO_PORT": str(port),
                                            "MONGO_TIMEOUT_MS": "300"})
-    with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
+    with serving_on(store.connect_to_mongo(config), mongo_timeout_s=0.3) as (stub_, _, _):
         stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=10,
                                    metadata=[("x-request-id", "req-7")])
     (warning,) = [r.getMessage() for r in service_log.records if "model(s) failed" in r.getMessage()]
@@ -419,7 +420,7 @@ def test_a_database_error_is_reported_as_internal_and_the_server_keeps_serving(w
 def test_a_database_that_never_answers_fails_within_mongo_timeout():
     with silent_socket() as port:
         config = service_settings.Config(mongo_uri=f"mongodb://127.0.0.1:{port}/", mongo_timeout_s=0.5)
-        with serving_on(server.connect_to_mongo(config), mongo_timeout_s=0.5) as (stub_, _, _):
+        with serving_on(store.connect_to_mongo(config), mongo_timeout_s=0.5) as (stub_, _, _):
             started = time.monotonic()
             reply = delete(stub_, "chair")
             elapsed = time.monotonic() - started
@@ -836,7 +837,7 @@ def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
         upload(stand_in.db, "chair")
         uri = stand_in.uri + "&readPreference=secondaryPreferred"
         config = service_settings.load_config({"MONGO_URI": uri})
-        db, _ = server.open_database(config, in_memory=False)
+        db, _ = store.open_database(config, in_memory=False)
         with serving(db) as (stub_, _, _):
             stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
                                        timeout=10)

@@ -1,0 +1,180 @@
+"""What a reply says: each model's account of a delete, and the reply built from it.
+
+This module owns ``ModelImages`` (what a delete found of one model, what
+MongoDB reported removed, what was kept), how a batch's counts are shared
+out among its models when MongoDB removed fewer than were wanted, and the
+reply messages and outcomes: deleted, nothing to delete, unfinished (a
+failure, or time run out between rounds), a dry run's preview, and the
+repeat of a model named twice in a batch.
+"""
+
+import dataclasses
+
+import pymongo.errors
+
+import image_service_pb2 as pb2
+
+MAX_MODEL_ID_LENGTH = 256
+
+
+def cut_for_reply(model_id):
+    """A model id as a reply may carry it. An invalid one can be megabytes
+    long; cut, and marked so, a batch of them stays far below a caller's
+    4 MB receive limit."""
+    if len(model_id) <= MAX_MODEL_ID_LENGTH:
+        return model_id
+    return f"{model_id[:MAX_MODEL_ID_LENGTH]}...[cut from {len(model_id)} characters]"
+
+
+@dataclasses.dataclass
+class ModelImages:
+    """What a delete found of one model and what removing it did, over all
+    its rounds. Removals are counted as MongoDB reported them."""
+
+    found_images: int = 0
+    deleted_images: int = 0
+    deleted_files: int = 0
+    kept_files: int = 0  # still referenced by another model
+    missing_files: int = 0  # referenced, but already gone
+    files_counted_earlier: int = 0  # shared with a model earlier in the batch
+    invalid_references: int = 0
+    counts_shared_out: bool = False
+    file_bytes: int = 0  # dry runs only
+
+
+def split_among_models(wanted, removed):
+    """Splits the ``removed`` count among models that wanted ``wanted[i]``
+    each. Exact for one model, and whenever everything wanted was removed;
+    otherwise (a concurrent delete, files already gone) the shortfall is
+    taken from the last models, so the shares still add up to ``removed``."""
+    shortfall, shares = sum(wanted) - removed, []
+    for count in reversed(wanted):
+        taken = min(count, shortfall)
+        shortfall -= taken
+        shares.append(count - taken)
+    return shares[::-1]
+
+
+def credit(found, model_ids, wanted, removed, field):
+    """Adds what MongoDB ``removed`` to the models' ``field``, shared out as
+    they ``wanted`` it; returns each model's shortfall."""
+    shares = split_among_models(wanted, removed)
+    shared_out = sum(1 for count in wanted if count) > 1 and removed != sum(wanted)
+    for model_id, count, share in zip(model_ids, wanted, shares, strict=True):
+        images = found[model_id]
+        setattr(images, field, getattr(images, field) + share)
+        images.counts_shared_out |= shared_out and count > 0
+    return [count - share for count, share in zip(wanted, shares, strict=True)]
+
+
+def plural(count, noun):
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def preview_reply(model_id, images):
+    """The reply for one model in a dry run."""
+    notes = [f"would delete {plural(images.deleted_images, 'image')} and"
+             f" {plural(images.deleted_files, 'file')} ({images.file_bytes} bytes)"]
+    if images.kept_files:
+        notes.append(f"would keep {plural(images.kept_files, 'file')} referenced by another model")
+    return pb2.DeleteImageResponse(
+        success=True,
+        outcome=pb2.OUTCOME_DELETED if images.deleted_images else pb2.OUTCOME_NOTHING_TO_DELETE,
+        model_id=model_id,
+        deleted_images=images.deleted_images,
+        deleted_files=images.deleted_files,
+        file_bytes=images.file_bytes,
+        message="; ".join(notes) + "; nothing was changed",
+    )
+
+
+def deletion_notes(images):
+    """What a reply says about a model's removal, beyond the counts."""
+    notes = []
+    if images.kept_files:
+        notes.append(f"kept {plural(images.kept_files, 'file')} still referenced by another model")
+    if images.files_counted_earlier:
+        notes.append(f"{plural(images.files_counted_earlier, 'file')} shared with a model earlier in this"
+                     " batch, counted there")
+    if images.counts_shared_out:
+        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
+                     " delete removed some images first")
+    else:
+        if images.missing_files:
+            notes.append(f"{plural(images.missing_files, 'reference')} to a file already gone")
+        if images.found_images > images.deleted_images:
+            taken = images.found_images - images.deleted_images
+            notes.append(f"{taken} removed by a concurrent delete first")
+    if images.invalid_references:
+        notes.append(f"{plural(images.invalid_references, 'reference')} had no valid file id")
+    return notes
+
+
+def deletion_reply(model_id, images):
+    """The reply for one model none of whose images remains."""
+    if images.deleted_images == 0 and images.deleted_files == 0 and not images.kept_files:
+        gone = (f"; a concurrent delete removed its {plural(images.found_images, 'image')} first"
+                if images.found_images else "")
+        return pb2.DeleteImageResponse(
+            success=True,
+            outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
+            model_id=model_id,
+            message=f"no images of model {model_id!r}; nothing to delete{gone}",
+        )
+    counts = f"deleted {plural(images.deleted_images, 'image')} and {plural(images.deleted_files, 'file')}"
+    return pb2.DeleteImageResponse(
+        success=True,
+        outcome=pb2.OUTCOME_DELETED,
+        model_id=model_id,
+        deleted_images=images.deleted_images,
+        deleted_files=images.deleted_files,
+        message="; ".join([counts, *deletion_notes(images)]),
+    )
+
+
+def unfinished_reply(model_id, images, outcome, reason):
+    """The reply for one model whose images may not all be gone: success is
+    false, and the counts say what this call removed all the same."""
+    removed = ""
+    if images.deleted_images or images.deleted_files:
+        removed = (f"; deleted {plural(images.deleted_images, 'image')} and"
+                   f" {plural(images.deleted_files, 'file')} first")
+    return pb2.DeleteImageResponse(
+        success=False,
+        outcome=outcome,
+        model_id=model_id,
+        deleted_images=images.deleted_images,
+        deleted_files=images.deleted_files,
+        message=reason + removed,
+    )
+
+
+def repeat_reply(first):
+    """The reply for a model named again in the same batch: the same result,
+    with the counts left to the first mention."""
+    return pb2.DeleteImageResponse(
+        success=first.success, outcome=first.outcome, model_id=first.model_id,
+        message="named earlier in this batch: see the result for its first mention, which counts its images")
+
+
+def classify_failure(error):
+    """The outcome and caller-safe message for a failed database call.
+
+    The driver's own text stays in the server log (redacted): it can name
+    hosts and users, and callers can do nothing with it.
+    """
+    unavailable = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout)
+    if isinstance(error, unavailable) or getattr(error, "timeout", False):
+        return pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later"
+    return pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log"
+
+
+def reply_for(model_id, images, dry_run, finished, failure):
+    if failure:
+        return unfinished_reply(model_id, images, failure[0], failure[1])
+    if dry_run:
+        return preview_reply(model_id, images)
+    if not finished:
+        return unfinished_reply(model_id, images, pb2.OUTCOME_INCOMPLETE,
+                                "more images remain: this call's time ran out; call again to continue")
+    return deletion_reply(model_id, images)
