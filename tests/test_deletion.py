@@ -739,8 +739,9 @@ def test_a_dry_run_says_which_files_it_would_keep(database, stub):
     assert everything(database) == before
 
 
-def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(database, stub):
-    store_under_hex_string_id(database, "chair")
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(database, stub, upper_case):
+    store_under_hex_string_id(database, "chair", upper_case)
     upload(database, "table")
     table = model_data(database, "table")
 
@@ -753,8 +754,9 @@ def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(databa
     assert model_data(database, "table") == table
 
 
-def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub):
-    store_under_hex_string_id(database, "chair")
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub, upper_case):
+    store_under_hex_string_id(database, "chair", upper_case)
 
     reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
                                       timeout=10)

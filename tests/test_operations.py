@@ -376,9 +376,10 @@ def test_a_sweep_that_cannot_reach_mongodb_says_so_and_exits_1(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_the_sweep_calls_a_file_under_its_hex_string_id_neither_unreferenced_nor_dangling():
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_the_sweep_calls_a_file_under_its_hex_string_id_neither_unreferenced_nor_dangling(upper_case):
     db = mongomock.MongoClient().db
-    file_id = store_under_hex_string_id(db, "chair")
+    file_id = store_under_hex_string_id(db, "chair", upper_case)
     report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
     assert report == orphan_sweep.OrphanReport([], [], [])
     removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
