@@ -682,10 +682,12 @@ def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method,
 def reference_to(file_id, spelling):
     """``file_id`` spelled as a writer other than the upload service might."""
     return {"hex": str(file_id), "objectid": file_id, "upper case": str(file_id).upper(),
-            "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n"}[spelling]
+            "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n",
+            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c"}[spelling]
 
 
-@pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab"])
+@pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab",
+                                      "a trailing space", "vertical tab and form feed"])
 def test_a_file_another_model_still_references_is_kept_and_the_reply_says_so(database, stub, spelling):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": reference_to(shared, spelling),
@@ -846,3 +848,26 @@ def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
     reads = [command for command in stand_in.commands if "find" in command]
     assert len(reads) == 6  # the dry run's 3, the delete's 3
     assert all(command.get("$readPreference", {"mode": "primary"})["mode"] == "primary" for command in reads)
+
+
+def mixed_case(hex_id):
+    """``hex_id`` with its first letter in upper case and the others in lower."""
+    first = next(number for number, character in enumerate(hex_id) if character.isalpha())
+    return hex_id[:first] + hex_id[first].upper() + hex_id[first + 1:]
+
+
+@pytest.mark.parametrize("spelling", ["mixed case", "a no-break space"])
+def test_an_image_id_spelled_as_the_reference_check_cannot_find_it_names_no_file(database, stub, spelling):
+    file_id = upload(database, "chair")
+    while sum(character.isalpha() for character in str(file_id)) < 2:  # too few letters to mix their case
+        for collection in ("images", "fs.files", "fs.chunks"):
+            database[collection].delete_many({})
+        file_id = upload(database, "chair")
+    odd = {"mixed case": mixed_case(str(file_id)), "a no-break space": f"{file_id}\u00a0"}[spelling]
+    database.images.update_one({"model_id": "chair"}, {"$set": {"image_id": odd}})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "1 reference had no valid file id" in reply.message
+    assert database["fs.files"].count_documents({"_id": file_id}) == 1  # left for the sweep
