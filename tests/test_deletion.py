@@ -871,3 +871,13 @@ def test_an_image_id_spelled_as_the_reference_check_cannot_find_it_names_no_file
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
     assert "1 reference had no valid file id" in reply.message
     assert database["fs.files"].count_documents({"_id": file_id}) == 1  # left for the sweep
+
+
+def test_a_model_named_twice_in_a_failed_batch_fails_on_both_mentions(wire):
+    upload(wire.db, "chair")
+    wire.faults[1] = "error"
+    with serving_on(wire.client()) as (stub_, _, _):
+        first, second = delete_batch(stub_, ["chair", "chair"])
+    assert (first.success, first.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert (second.success, second.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert len(images_of(wire.db, "chair")) == 1
