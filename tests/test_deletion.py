@@ -9,6 +9,7 @@ import os
 import re
 import threading
 import time
+import types
 
 import grpc
 import mongomock
@@ -881,3 +882,60 @@ def test_a_model_named_twice_in_a_failed_batch_fails_on_both_mentions(wire):
     assert (first.success, first.outcome) == (False, pb2.OUTCOME_INTERNAL)
     assert (second.success, second.outcome) == (False, pb2.OUTCOME_INTERNAL)
     assert len(images_of(wire.db, "chair")) == 1
+
+
+# pymongo.timeout(0) sets no limit at all: a budget of exactly 0 s must not reach it.
+@pytest.mark.parametrize("deadline", [99.0, 100.0], ids=["passed", "exactly now"])
+def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches_nothing(
+        monkeypatch, deadline):
+    db = mongomock.MongoClient().db
+    upload(db, "chair")
+    before = everything(db)
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(monotonic=lambda: 100.0))
+
+    (reply,) = server.delete_and_describe(db, ["chair"], deadline=deadline)
+
+    assert (reply.success, reply.outcome, reply.message) == (
+        False, pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later")
+    assert everything(db) == before
+
+
+@pytest.fixture
+def one_second_rounds(monkeypatch):
+    """A clock for the deletion that stands still but for one second per
+    round, and rounds of 2 images: the budget decisions, without timing."""
+    clock = types.SimpleNamespace(now=0.0)
+    clock.monotonic = lambda: clock.now
+    remove_round = server.remove_round
+
+    def round_of_one_second(*args):
+        remove_round(*args)
+        clock.now += 1.0
+
+    monkeypatch.setattr(server, "time", clock)
+    monkeypatch.setattr(server, "remove_round", round_of_one_second)
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    return clock
+
+
+def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_second_rounds):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+
+    # After the first round, 1.5 s remain: less than twice its 1 s.
+    (reply,) = server.delete_and_describe(db, ["chair"], deadline=2.5)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 2)
+    assert len(images_of(db, "chair")) == 3
+
+
+def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_time_remains(
+        one_second_rounds):
+    db = mongomock.MongoClient().db
+    upload(db, "chair", data=b"jpeg")
+
+    # After the one round, 0.5 s remain, but that round found all there was.
+    (reply,) = server.delete_and_describe(db, ["chair"], deadline=1.5)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)
