@@ -43,15 +43,16 @@ def upload(db, model_id, data=IMAGE):
     return store.store_image(db, model_id, data)
 
 
-def store_under_hex_string_id(db, model_id):
-    """An image whose GridFS file has the hex string as its ``_id``, as
-    some writers store it: GridFS allows any ``_id``."""
-    file_id = str(ObjectId())
+def store_under_hex_string_id(db, model_id, upper_case=False):
+    """An image whose GridFS file has the hex string (in upper case, if
+    asked) as its ``_id``, as some writers store it: GridFS allows any
+    ``_id``. Its ``images`` document names it as the upload service does."""
+    file_id = str(ObjectId()).upper() if upper_case else str(ObjectId())
     uploaded = datetime.datetime.now(datetime.timezone.utc)
     db["fs.files"].insert_one({"_id": file_id, "filename": f"{model_id}.jpg", "length": 4,
                                "chunkSize": 261120, "uploadDate": uploaded})
     db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"jpeg"})
-    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id, "model_id": model_id})
+    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id.lower(), "model_id": model_id})
     return file_id
 
 

@@ -2,6 +2,7 @@
 order and how many commands, under failures, faults and arbitrary input;
 batches, dry runs and request ids."""
 
+import asyncio
 import collections
 import datetime
 import filecmp
@@ -10,6 +11,7 @@ import os
 import re
 import threading
 import time
+import types
 
 import grpc
 import mongomock
@@ -39,6 +41,7 @@ from support import (
     everything,
     images_of,
     model_data,
+    served_database,
     serving,
     serving_on,
     store_under_hex_string_id,
@@ -686,10 +689,12 @@ def test_random_bytes_as_a_request_never_crash_the_server(fuzzed_server, method,
 def reference_to(file_id, spelling):
     """``file_id`` spelled as a writer other than the upload service might."""
     return {"hex": str(file_id), "objectid": file_id, "upper case": str(file_id).upper(),
-            "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n"}[spelling]
+            "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n",
+            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c"}[spelling]
 
 
-@pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab"])
+@pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab",
+                                      "a trailing space", "vertical tab and form feed"])
 def test_a_file_another_model_still_references_is_kept_and_the_reply_says_so(database, stub, spelling):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": reference_to(shared, spelling),
@@ -743,8 +748,9 @@ def test_a_dry_run_says_which_files_it_would_keep(database, stub):
     assert everything(database) == before
 
 
-def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(database, stub):
-    store_under_hex_string_id(database, "chair")
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(database, stub, upper_case):
+    store_under_hex_string_id(database, "chair", upper_case)
     upload(database, "table")
     table = model_data(database, "table")
 
@@ -757,8 +763,9 @@ def test_a_file_stored_under_its_hex_string_id_is_deleted_with_its_chunks(databa
     assert model_data(database, "table") == table
 
 
-def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub):
-    store_under_hex_string_id(database, "chair")
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub, upper_case):
+    store_under_hex_string_id(database, "chair", upper_case)
 
     reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
                                       timeout=10)
@@ -920,3 +927,98 @@ def test_a_delete_stops_short_of_the_callers_deadline_so_its_reply_arrives(wire)
         reply = stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair"), timeout=1.0)
         wire.recover()
     assert (reply.success, reply.outcome) == (False, pb2.OUTCOME_UNAVAILABLE)
+
+
+def mixed_case(hex_id):
+    """``hex_id`` with its first letter in upper case and the others in lower."""
+    first = next(number for number, character in enumerate(hex_id) if character.isalpha())
+    return hex_id[:first] + hex_id[first].upper() + hex_id[first + 1:]
+
+
+@pytest.mark.parametrize("spelling", ["mixed case", "a no-break space"])
+def test_an_image_id_spelled_as_the_reference_check_cannot_find_it_names_no_file(database, stub, spelling):
+    file_id = upload(database, "chair")
+    while sum(character.isalpha() for character in str(file_id)) < 2:  # too few letters to mix their case
+        for collection in ("images", "fs.files", "fs.chunks"):
+            database[collection].delete_many({})
+        file_id = upload(database, "chair")
+    odd = {"mixed case": mixed_case(str(file_id)), "a no-break space": f"{file_id}\u00a0"}[spelling]
+    database.images.update_one({"model_id": "chair"}, {"$set": {"image_id": odd}})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "1 reference had no valid file id" in reply.message
+    assert database["fs.files"].count_documents({"_id": file_id}) == 1  # left for the sweep
+
+
+def test_a_model_named_twice_in_a_failed_batch_fails_on_both_mentions(wire):
+    upload(wire.db, "chair")
+    wire.faults[1] = "error"
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        first, second = delete_batch(stub_, ["chair", "chair"])
+    assert (first.success, first.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert (second.success, second.outcome) == (False, pb2.OUTCOME_INTERNAL)
+    assert len(images_of(wire.db, "chair")) == 1
+
+
+def delete_before(db, model_ids, deadline):
+    """The deletion itself on a mongomock database, before ``deadline`` on the deletion's clock."""
+    return asyncio.run(server.delete_and_describe(served_database(db), model_ids, deadline=deadline))
+
+
+# pymongo.timeout(0) sets no limit at all: a budget of exactly 0 s must not reach it.
+@pytest.mark.parametrize("deadline", [99.0, 100.0], ids=["passed", "exactly now"])
+def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches_nothing(
+        monkeypatch, deadline):
+    db = mongomock.MongoClient().db
+    upload(db, "chair")
+    before = everything(db)
+    monkeypatch.setattr(server, "time", types.SimpleNamespace(monotonic=lambda: 100.0))
+
+    (reply,) = delete_before(db, ["chair"], deadline)
+
+    assert (reply.success, reply.outcome, reply.message) == (
+        False, pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later")
+    assert everything(db) == before
+
+
+@pytest.fixture
+def one_second_rounds(monkeypatch):
+    """A clock for the deletion that stands still but for one second per
+    round, and rounds of 2 images: the budget decisions, without timing."""
+    clock = types.SimpleNamespace(now=0.0)
+    clock.monotonic = lambda: clock.now
+    remove_round = server.remove_round
+
+    async def round_of_one_second(*args):
+        await remove_round(*args)
+        clock.now += 1.0
+
+    monkeypatch.setattr(server, "time", clock)
+    monkeypatch.setattr(server, "remove_round", round_of_one_second)
+    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    return clock
+
+
+def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_second_rounds):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+
+    # After the first round, 1.5 s remain: less than twice its 1 s.
+    (reply,) = delete_before(db, ["chair"], 2.5)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 2)
+    assert len(images_of(db, "chair")) == 3
+
+
+def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_time_remains(
+        one_second_rounds):
+    db = mongomock.MongoClient().db
+    upload(db, "chair", data=b"jpeg")
+
+    # After the one round, 0.5 s remain, but that round found all there was.
+    (reply,) = delete_before(db, ["chair"], 1.5)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)

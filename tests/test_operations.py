@@ -377,9 +377,10 @@ def test_a_sweep_that_cannot_reach_mongodb_says_so_and_exits_1(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def test_the_sweep_calls_a_file_under_its_hex_string_id_neither_unreferenced_nor_dangling():
+@pytest.mark.parametrize("upper_case", [False, True], ids=["lower case", "upper case"])
+def test_the_sweep_calls_a_file_under_its_hex_string_id_neither_unreferenced_nor_dangling(upper_case):
     db = mongomock.MongoClient().db
-    file_id = store_under_hex_string_id(db, "chair")
+    file_id = store_under_hex_string_id(db, "chair", upper_case)
     report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
     assert report == orphan_sweep.OrphanReport([], [], [])
     removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
@@ -429,3 +430,36 @@ def test_a_model_named_twice_in_a_batch_is_counted_once_in_the_metrics(database)
         _, samples = scrape(running.running.metrics_port)
     assert samples["image_service_images_deleted_total", ()] == 2
     assert samples["image_service_files_deleted_total", ()] == 2
+
+
+def test_an_index_leading_with_the_field_in_either_direction_serves_with_more_fields_after_it(database):
+    database.images.create_index([("model_id", -1), ("name", 1)])
+    database.images.create_index([("image_id", -1), ("model_id", 1)])
+    database["fs.chunks"].create_index([("files_id", 1), ("n", 1)], unique=True)
+    assert store.missing_indexes(database) == []
+
+
+def test_a_chunks_index_that_is_not_unique_is_missing(database):
+    database.images.create_index([("model_id", 1)])
+    database.images.create_index([("image_id", 1)])
+    database["fs.chunks"].create_index([("files_id", 1), ("n", 1)])
+    assert [(index.collection, index.unique) for index in store.missing_indexes(database)] == [
+        ("fs.chunks", True)]
+
+
+def test_the_sweep_reads_images_before_files_so_an_upload_during_its_scan_is_no_orphan(wire):
+    upload(wire.db, "chair")
+    # Between the scan's first read and its second, an upload writes its file, then its metadata.
+    wire.faults[2] = lambda: upload(wire.db, "table")
+    with wire.client() as mongo:
+        report = orphan_sweep.find_orphans(mongo["CatalogServiceDB"], min_age_s=3600)
+    assert report == orphan_sweep.OrphanReport([], [], [])
+
+
+def test_the_sweep_never_calls_a_file_without_an_upload_date_unreferenced():
+    db = mongomock.MongoClient().db
+    file_id = upload(db, "chair")
+    db["fs.files"].update_one({"_id": file_id}, {"$unset": {"uploadDate": ""}})
+    db.images.delete_many({})  # its age unknown, it may be an upload in progress
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report.unreferenced_file_ids == []
