@@ -149,6 +149,12 @@ def stored_model_id_forms(model_id):
     return forms
 
 
+def forms_to_models_of(model_ids):
+    """Each value ``images.model_id`` may hold for these models, mapped to
+    its model id."""
+    return {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
+
+
 def images_of(forms):
     """The filter for the ``images`` documents whose ``model_id`` is one of
     ``forms``: equal to it, not an array that merely contains it (such a
@@ -160,10 +166,6 @@ def images_of_other_models(forms):
     """The filter for every other ``images`` document: another model id, no
     model id, or an array of them."""
     return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
-
-
-
-
 
 
 @dataclasses.dataclass
@@ -218,10 +220,6 @@ async def files_referenced_elsewhere(db, file_ids, forms):
     return referenced & set(file_ids)
 
 
-
-
-
-
 async def remove_round(db, read, forms, found, deleted_earlier):
     """Deletes what one read found: the files no other model references,
     their chunks, then the documents read. Adds to ``found`` what MongoDB
@@ -264,7 +262,7 @@ async def delete_images_of_models(db, model_ids, found, deadline):
     left, False when too little of the budget (``deadline``, on
     ``time.monotonic()``) remains for another full round: twice the slowest
     so far."""
-    forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
+    forms_to_models = forms_to_models_of(model_ids)
     forms = list(forms_to_models)
     deleted_earlier = {}
     slowest = 0.0
@@ -284,7 +282,7 @@ async def preview_images_of_models(db, model_ids, found):
     """What delete_images_of_models would remove now, without writing: one
     read of every document, the reference check, and the lengths of the
     files that would go (one read per ROUND_SIZE files)."""
-    forms_to_models = {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
+    forms_to_models = forms_to_models_of(model_ids)
     read = await read_images(db, forms_to_models)
     owners = read.file_owners(model_ids)
     kept = await files_referenced_elsewhere(db, list(owners), list(forms_to_models)) if owners else set()
@@ -296,25 +294,12 @@ async def preview_images_of_models(db, model_ids, found):
             lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
             existing.add(gridfs_file_key(file["_id"]))
     for model_id in model_ids:
-        images, own = found[model_id], {f for f in existing if owners[f] == model_id}
+        images = found[model_id]
+        own = {file_id for file_id in existing if owners[file_id] == model_id}
         images.found_images = images.deleted_images = len(read.metadata_ids[model_id])
         images.deleted_files = len(own)
         images.kept_files = len(read.file_ids[model_id] & kept)
         images.file_bytes = sum(lengths[file_id] for file_id in own)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
@@ -353,8 +338,6 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
             replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
             first_reply[model_id] = replies[-1]
     return replies
-
-
 
 
 # ---------------------------------------------------------------------------
@@ -579,7 +562,6 @@ async def serve(config, db, database_description, metrics):
 # ---------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------
-
 
 
 def parse_arguments(argv):

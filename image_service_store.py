@@ -206,7 +206,6 @@ def open_in_memory_database(database_name):
     return db
 
 
-
 class InMemoryDatabase:
     """A mongomock database behind the few methods of pymongo's
     AsyncDatabase that the service calls, so that one deletion path serves
