@@ -268,10 +268,14 @@ class Rounds:
     deleted_earlier: dict = dataclasses.field(default_factory=dict)  # file id -> the model counted for it
     slowest: float = 0.0
     last_was_full: bool = False
+    last_read: dict = dataclasses.field(default_factory=dict)  # model id -> images the last read found
     on_full_round: object = None  # called after each full round
 
-    def copy(self):
-        return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier))
+    def carried_on(self):
+        """The rounds of a deletion going on from this one with some of its
+        models: what was deleted and the slowest round carry over, and it
+        reads at least once."""
+        return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier), last_was_full=False)
 
 
 async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False):
@@ -290,6 +294,7 @@ async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, s
         if not read.metadata_ids:
             return True
         await remove_round(db, read, forms, found, rounds.deleted_earlier)
+        rounds.last_read = {model_id: len(ids) for model_id, ids in read.metadata_ids.items()}
         rounds.slowest = max(rounds.slowest, time.monotonic() - started)
         rounds.last_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
         if rounds.last_was_full and rounds.on_full_round:
@@ -303,24 +308,29 @@ async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None)
     """Removes the models of several calls together: the same rounds, one
     set of commands for all of them (their models are distinct). A full
     round means a model with many images, which every other call would
-    wait behind: from there each call goes on alone, all at once. Returns
-    each call's ending: whether none of its images is left, and its
-    failure (None, or the reply's outcome and message). ``on_full_round``
-    is called after every full round."""
+    wait behind: from there each call goes on alone, one after the other,
+    those with the fewest images in that round first (one at a time, so a
+    file two of them share is deleted by the second, once the first's images
+    are gone). Returns each call's ending: whether none of its images is
+    left, and its failure (None, or the reply's outcome and message).
+    ``on_full_round`` is called after every full round."""
     rounds = Rounds(on_full_round=on_full_round)
     together = [model_id for call in calls for model_id in call.valid]
     if await delete_images_of_models(db, together, found, deadline, rounds, stop_when_full=len(calls) > 1):
         return [(True, None)] * len(calls)
     if len(calls) == 1:
         return [(False, None)]
-    alone = [delete_images_of_models(db, call.valid, found, deadline, rounds.copy()) for call in calls]
-    endings = []
-    for call, finished in zip(calls, await asyncio.gather(*alone, return_exceptions=True), strict=True):
-        if isinstance(finished, Exception):
-            endings.append((True, failure_reported(finished, [call])))
-        else:
-            endings.append((finished, None))
-    return endings
+    endings = {}
+    def images_last_read(call):
+        return sum(rounds.last_read.get(model_id, 0) for model_id in call.valid)
+
+    for call in sorted(calls, key=images_last_read):
+        try:
+            finished = await delete_images_of_models(db, call.valid, found, deadline, rounds.carried_on())
+            endings[call] = (finished, None)
+        except Exception as error:  # Reported to this call; the others go on.
+            endings[call] = (True, failure_reported(error, [call]))
+    return [endings[call] for call in calls]
 
 
 async def preview_images_of_models(db, model_ids, found):
@@ -426,16 +436,18 @@ class WaitingCall:
     replies: asyncio.Future
 
 
-def may_join(first, models, waiting, now):
-    """Whether a waiting call may be deleted with the group that ``first``
-    leads (holding ``models``), at ``now`` (on ``time.monotonic()``): neither
-    is a dry run, the call waits on no model of the group, the group stays
-    within MAX_BATCH_SIZE models, and the call's deadline (the group's, if
-    earlier) leaves the group at least nine tenths of the first's budget."""
+def may_join(group, models, waiting, now):
+    """Whether a waiting call may be deleted with ``group`` (the calls
+    gathered so far, holding ``models``), at ``now`` (on
+    ``time.monotonic()``): none is a dry run, the call waits on no model of
+    the group, the group stays within MAX_BATCH_SIZE models, and the turn's
+    deadline (its calls' earliest) leaves each of them at least nine tenths
+    of its own budget, so no call is cut short for another's sake."""
     joining = set(waiting.call.valid)
-    return (not (first.dry_run or waiting.dry_run or waiting.replies.done())
+    deadlines = [member.deadline for member in group] + [waiting.deadline]
+    return (not (group[0].dry_run or waiting.dry_run or waiting.replies.done())
             and not joining & models and len(models) + len(joining) <= MAX_BATCH_SIZE
-            and waiting.deadline - now >= 0.9 * (first.deadline - now))
+            and min(deadlines) - now >= 0.9 * (max(deadlines) - now))
 
 
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
@@ -482,10 +494,11 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         return await asyncio.shield(waiting.replies)
 
     def _start_turns(self):
-        while self._waiting and self._waiting[0].replies.done():  # abandoned by the drain
-            self._waiting.popleft()
-        while (self._waiting and self._gathering < GATHERING_TURNS
-               and self._running < self._max_deletions):
+        while self._gathering < GATHERING_TURNS and self._running < self._max_deletions:
+            while self._waiting and self._waiting[0].replies.done():  # abandoned by the drain
+                self._waiting.popleft()
+            if not self._waiting:
+                return
             self._running += 1
             self._gathering += 1
             turn = asyncio.ensure_future(self._take_turn(self._next_group()))
@@ -498,7 +511,7 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
         group, models, left = [first], set(first.call.valid), collections.deque()
         while self._waiting:
             waiting = self._waiting.popleft()
-            if may_join(first, models, waiting, now):
+            if may_join(group, models, waiting, now):
                 group.append(waiting)
                 models.update(waiting.call.valid)
             else:
@@ -517,6 +530,8 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
                 self._start_turns()
 
         deadline = min(waiting.deadline for waiting in group)
+        if group[0].dry_run:  # a turn of its own: it gathers nobody
+            stop_gathering()
         try:
             all_replies = await delete_and_describe_calls(
                 self._db, [waiting.call for waiting in group], deadline, group[0].dry_run, stop_gathering)

@@ -12,6 +12,7 @@ import pytest
 import image_service_observability as observability
 import image_service_pb2 as pb2
 import image_service_server as server
+from image_service_replies import ModelImages
 from support import (
     assert_store_consistent,
     delete,
@@ -145,24 +146,31 @@ def waiting_call(model_ids, deadline=10.0, dry_run=False):
     return server.WaitingCall(server.Call(model_ids), deadline, dry_run, replies=FakeFuture())
 
 
-def test_a_waiting_call_whose_deadline_would_cut_the_turns_budget_by_over_a_tenth_waits_for_its_own():
+def test_a_waiting_call_joins_only_when_no_call_of_the_turn_loses_over_a_tenth_of_its_budget():
     first = waiting_call(["a"], deadline=10.0)
-    assert not server.may_join(first, {"a"}, waiting_call(["b"], deadline=8.9), now=0.0)
-    assert server.may_join(first, {"a"}, waiting_call(["b"], deadline=9.0), now=0.0)
+    assert not server.may_join([first], {"a"}, waiting_call(["b"], deadline=8.9), now=0.0)
+    assert server.may_join([first], {"a"}, waiting_call(["b"], deadline=9.0), now=0.0)
+    assert server.may_join([first], {"a"}, waiting_call(["b"], deadline=11.1), now=0.0)
+    assert not server.may_join([first], {"a"}, waiting_call(["b"], deadline=11.2), now=0.0)
+
+
+def test_nobody_joins_a_call_whose_deadline_has_passed():
+    expired = waiting_call(["a"], deadline=10.0)
+    assert not server.may_join([expired], {"a"}, waiting_call(["b"], deadline=30.0), now=10.5)
 
 
 def test_a_turn_holds_at_most_a_batchs_worth_of_models():
     first = waiting_call(["a"])
     batch = [f"m{i}" for i in range(server.MAX_BATCH_SIZE - 1)]
-    assert server.may_join(first, {"a"}, waiting_call(batch), now=0.0)
-    assert not server.may_join(first, {"a"}, waiting_call([*batch, "one-more"]), now=0.0)
+    assert server.may_join([first], {"a"}, waiting_call(batch), now=0.0)
+    assert not server.may_join([first], {"a"}, waiting_call([*batch, "one-more"]), now=0.0)
 
 
 def test_dry_runs_and_models_already_in_a_turn_wait_for_another():
     first = waiting_call(["a"])
-    assert not server.may_join(first, {"a"}, waiting_call(["b"], dry_run=True), now=0.0)
-    assert not server.may_join(waiting_call(["a"], dry_run=True), {"a"}, waiting_call(["b"]), now=0.0)
-    assert not server.may_join(first, {"a"}, waiting_call(["b", "a"]), now=0.0)
+    assert not server.may_join([first], {"a"}, waiting_call(["b"], dry_run=True), now=0.0)
+    assert not server.may_join([waiting_call(["a"], dry_run=True)], {"a"}, waiting_call(["b"]), now=0.0)
+    assert not server.may_join([first], {"a"}, waiting_call(["b", "a"]), now=0.0)
 
 
 class FakeFuture:
@@ -190,8 +198,8 @@ def test_calls_deleted_together_go_on_one_by_one_once_a_round_is_full(wire, monk
     assert [(r.success, r.deleted_images) for (r,) in replies] == [(True, 7), (True, 1)]
     assert len(full_rounds) == 2  # 3 of big's images, then 3 more: 7 is not a multiple of 3
     reads = [command["filter"]["model_id"]["$in"] for command in wire.commands if "find" in command]
-    assert reads[0] == ["big", "small"]
-    assert ["small"] in reads  # read on its own, not behind big's rounds
+    # Small first, on its own (it had no images in the full round), then big.
+    assert reads == [["big", "small"], ["small"], ["small"], ["big"], ["big"], ["big"]]
     assert_store_consistent(wire.db)
 
 
@@ -254,3 +262,29 @@ def test_a_turn_ends_by_the_earliest_deadline_of_its_calls(monkeypatch):
     monkeypatch.setattr(server, "delete_and_describe_calls", deletion)
     asyncio.run(one_turn())
     assert deadlines == [9.5]
+
+
+def test_a_file_shared_by_calls_that_go_on_alone_after_a_full_round_is_not_left_behind(database, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 3)
+    for _ in range(7):
+        upload(database, "big")
+    upload(database, "chair")
+    shared = images_of(database, "chair")[0]["image_id"]
+    database.images.insert_one({"name": "stool.jpg", "image_id": shared, "model_id": "stool"})
+    calls = [server.Call(["big"]), server.Call(["chair"]), server.Call(["stool"])]
+    replies = deleted_together(database, calls)
+    assert [(r.success, r.deleted_images) for (r,) in replies] == [(True, 7), (True, 1), (True, 1)]
+    assert sum(r.deleted_files for (r,) in replies) == 8
+    assert_store_consistent(database)
+    assert database["fs.files"].count_documents({}) == 0
+
+
+def test_a_deletion_carried_on_from_a_full_round_reads_at_least_once(database):
+    upload(database, "small")
+    # The shared round was full and slow: no budget for another full round
+    # is left, but the call's own read still finds what remains of it.
+    spent = server.Rounds(slowest=3600.0, last_was_full=True)
+    found = {"small": ModelImages()}
+    finished = asyncio.run(server.delete_images_of_models(
+        served_database(database), ["small"], found, time.monotonic() + 30, spent.carried_on()))
+    assert (finished, found["small"].deleted_images) == (True, 1)
