@@ -36,7 +36,7 @@ class ModelImages:
     deleted_files: int = 0
     kept_files: int = 0  # still referenced by another model
     missing_files: int = 0  # referenced, but already gone
-    files_counted_earlier: int = 0  # shared with a model earlier in the batch
+    files_counted_earlier: int = 0  # shared with a model deleted with it, counted there
     invalid_references: int = 0
     counts_shared_out: bool = False
     file_bytes: int = 0  # dry runs only
@@ -94,11 +94,11 @@ def deletion_notes(images):
     if images.kept_files:
         notes.append(f"kept {plural(images.kept_files, 'file')} still referenced by another model")
     if images.files_counted_earlier:
-        notes.append(f"{plural(images.files_counted_earlier, 'file')} shared with a model earlier in this"
-                     " batch, counted there")
+        notes.append(f"{plural(images.files_counted_earlier, 'file')} shared with a model deleted with it,"
+                     " counted there")
     if images.counts_shared_out:
-        notes.append("counts shared out within the batch: some files were already gone or a concurrent"
-                     " delete removed some images first")
+        notes.append("counts shared out among the models deleted with it: some files were already gone or"
+                     " a concurrent delete removed some images first")
     else:
         if images.missing_files:
             notes.append(f"{plural(images.missing_files, 'reference')} to a file already gone")

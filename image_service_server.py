@@ -121,6 +121,11 @@ MAX_BATCH_SIZE = 1000
 ROUND_SIZE = 10_000
 # The part of a caller's deadline kept for the reply, at least.
 REPLY_MARGIN_S = 0.05
+# Deletions that gather waiting calls at once. Fewer, larger deletions cost
+# less per model, on the server and on MongoDB; two keep one deletion's
+# waits for MongoDB filled with the other's work (measured against 1, 4
+# and 10: docs/performance.md).
+GATHERING_TURNS = 2
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
 # Reads compare strings exactly, whatever default collation a collection
@@ -256,26 +261,76 @@ async def remove_round(db, read, forms, found, deleted_earlier):
            "deleted_images")
 
 
-async def delete_images_of_models(db, model_ids, found, deadline):
+@dataclasses.dataclass
+class Rounds:
+    """What a deletion's rounds carry from one to the next."""
+
+    deleted_earlier: dict = dataclasses.field(default_factory=dict)  # file id -> the model counted for it
+    slowest: float = 0.0
+    last_was_full: bool = False
+    last_read: dict = dataclasses.field(default_factory=dict)  # model id -> images the last read found
+    on_full_round: object = None  # called after each full round
+
+    def carried_on(self):
+        """The rounds of a deletion going on from this one with some of its
+        models: what was deleted and the slowest round carry over, and it
+        reads at least once."""
+        return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier), last_was_full=False)
+
+
+async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False):
     """Removes every image of the models, round by round, adding to
     ``found`` what each round removed. Returns True once a read finds none
     left, False when too little of the budget (``deadline``, on
     ``time.monotonic()``) remains for another full round: twice the slowest
-    so far."""
+    so far; with ``stop_when_full``, False after the first full round.
+    ``rounds`` carries on from an earlier deletion of the same models."""
     forms_to_models = forms_to_models_of(model_ids)
     forms = list(forms_to_models)
-    deleted_earlier = {}
-    slowest = 0.0
-    while True:
+    rounds = rounds or Rounds()
+    while not (rounds.last_was_full and deadline - time.monotonic() < 2 * rounds.slowest):
         started = time.monotonic()
         read = await read_images(db, forms_to_models, limit=ROUND_SIZE)
         if not read.metadata_ids:
             return True
-        await remove_round(db, read, forms, found, deleted_earlier)
-        slowest = max(slowest, time.monotonic() - started)
-        round_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
-        if round_was_full and deadline - time.monotonic() < 2 * slowest:
+        await remove_round(db, read, forms, found, rounds.deleted_earlier)
+        rounds.last_read = {model_id: len(ids) for model_id, ids in read.metadata_ids.items()}
+        rounds.slowest = max(rounds.slowest, time.monotonic() - started)
+        rounds.last_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
+        if rounds.last_was_full and rounds.on_full_round:
+            rounds.on_full_round()
+        if rounds.last_was_full and stop_when_full:
             return False
+    return False
+
+
+async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None):
+    """Removes the models of several calls together: the same rounds, one
+    set of commands for all of them (their models are distinct). A full
+    round means a model with many images, which every other call would
+    wait behind: from there each call goes on alone, one after the other,
+    those with the fewest images in that round first (one at a time, so a
+    file two of them share is deleted by the second, once the first's images
+    are gone). Returns each call's ending: whether none of its images is
+    left, and its failure (None, or the reply's outcome and message).
+    ``on_full_round`` is called after every full round."""
+    rounds = Rounds(on_full_round=on_full_round)
+    together = [model_id for call in calls for model_id in call.valid]
+    if await delete_images_of_models(db, together, found, deadline, rounds, stop_when_full=len(calls) > 1):
+        return [(True, None)] * len(calls)
+    if len(calls) == 1:
+        return [(False, None)]
+    endings = {}
+    def images_last_read(call):
+        return sum(rounds.last_read.get(model_id, 0) for model_id in call.valid)
+
+    for call in sorted(calls, key=images_last_read):
+        try:
+            finished = await delete_images_of_models(db, call.valid, found, deadline, rounds.carried_on())
+            endings[call] = (finished, None)
+        except Exception as error:  # Reported to this call; the others go on.
+            endings[call] = (True, failure_reported(error, [call]))
+    return [endings[call] for call in calls]
 
 
 async def preview_images_of_models(db, model_ids, found):
@@ -302,16 +357,49 @@ async def preview_images_of_models(db, model_ids, found):
         images.file_bytes = sum(lengths[file_id] for file_id in own)
 
 
-async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
-    """One reply per requested id, in order. Invalid ids are answered without
-    touching anything; the valid ones are deleted together (in a dry run,
-    previewed) before ``deadline`` (on ``time.monotonic()``), each once
-    however often it is named; a database failure is reported on each, with
-    what was removed before it."""
-    reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
-    valid = [model_id for model_id, reason in reasons.items() if reason is None]
+class Call:
+    """The model ids one call names, in order, with why any is refused."""
+
+    def __init__(self, model_ids, request_id="-"):
+        self.model_ids = model_ids
+        self.request_id = request_id
+        self.reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
+        self.valid = [model_id for model_id, reason in self.reasons.items() if reason is None]
+
+    def replies(self, found, dry_run, finished, failure):
+        """One reply per id named, in order; a repeated id's refers to its first."""
+        replies, first_reply = [], {}
+        for model_id in self.model_ids:
+            if self.reasons[model_id]:
+                replies.append(pb2.DeleteImageResponse(
+                    success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
+                    model_id=cut_for_reply(model_id), message=self.reasons[model_id]))
+            elif model_id in first_reply:
+                replies.append(repeat_reply(first_reply[model_id]))
+            else:
+                replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
+                first_reply[model_id] = replies[-1]
+        return replies
+
+
+def failure_reported(error, calls):
+    """Logs a database failure of ``calls`` and returns what their replies
+    say of it: the outcome and a message safe for callers."""
+    request_ids = ",".join(call.request_id for call in calls)
+    log.warning("delete of %d model(s) failed request_id=%s: %s: %s", sum(len(call.valid) for call in calls),
+                request_ids, type(error).__name__, describe_failure(error))
+    log.debug("request_id=%s the driver said: %s", request_ids, error)
+    return classify_failure(error)
+
+
+async def delete_and_describe_calls(db, calls, deadline, dry_run=False, on_full_round=None):
+    """Each call's replies. Invalid ids are answered without touching
+    anything; the valid ones (distinct between calls) are deleted together
+    (in a dry run, previewed) before ``deadline`` (on ``time.monotonic()``);
+    a database failure is reported on each, with what was removed before it."""
+    valid = [model_id for call in calls for model_id in call.valid]
     found = {model_id: ModelImages() for model_id in valid}
-    finished, failure = True, None
+    endings = [(True, None)] * len(calls)
     try:
         timeout_s = deadline - time.monotonic()
         if valid and timeout_s <= 0:
@@ -320,23 +408,16 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
             if valid and dry_run:
                 await preview_images_of_models(db, valid, found)
             elif valid:
-                finished = await delete_images_of_models(db, valid, found, deadline)
-    except Exception as error:  # Reported to the caller; the server goes on.
-        log.warning("delete of %d model(s) failed request_id=%s: %s: %s", len(valid), request_id,
-                    type(error).__name__, describe_failure(error))
-        log.debug("request_id=%s the driver said: %s", request_id, error)
-        failure = classify_failure(error)
-    replies, first_reply = [], {}
-    for model_id in model_ids:
-        if reasons[model_id]:
-            replies.append(pb2.DeleteImageResponse(
-                success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
-                model_id=cut_for_reply(model_id), message=reasons[model_id]))
-        elif model_id in first_reply:
-            replies.append(repeat_reply(first_reply[model_id]))
-        else:
-            replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
-            first_reply[model_id] = replies[-1]
+                endings = await delete_images_of_calls(db, calls, found, deadline, on_full_round)
+    except Exception as error:  # Reported to the callers; the server goes on.
+        endings = [(True, failure_reported(error, calls))] * len(calls)
+    return [call.replies(found, dry_run, *ending) for call, ending in zip(calls, endings, strict=True)]
+
+
+async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
+    """One call's replies, one per id it names, in order; each model is
+    deleted once however often it is named (see delete_and_describe_calls)."""
+    (replies,) = await delete_and_describe_calls(db, [Call(model_ids, request_id)], deadline, dry_run)
     return replies
 
 
@@ -345,43 +426,131 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
 # ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(eq=False)
+class WaitingCall:
+    """A call's deletion, waiting for its turn."""
+
+    call: Call
+    deadline: float  # on time.monotonic()
+    dry_run: bool
+    replies: asyncio.Future
+
+
+def may_join(group, models, waiting, now):
+    """Whether a waiting call may be deleted with ``group`` (the calls
+    gathered so far, holding ``models``), at ``now`` (on
+    ``time.monotonic()``): none is a dry run, the call waits on no model of
+    the group, the group stays within MAX_BATCH_SIZE models, and the turn's
+    deadline (its calls' earliest) leaves each of them at least nine tenths
+    of its own budget, so no call is cut short for another's sake."""
+    joining = set(waiting.call.valid)
+    deadlines = [member.deadline for member in group] + [waiting.deadline]
+    return (not (group[0].dry_run or waiting.dry_run or waiting.replies.done())
+            and not joining & models and len(models) + len(joining) <= MAX_BATCH_SIZE
+            and min(deadlines) - now >= 0.9 * (max(deadlines) - now))
+
+
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
     """The ImageService methods of image_service.proto. The deletion runs on
     the event loop with pymongo's asyncio client: while it waits on MongoDB
-    the loop serves other calls, health checks and reflection. At most
+    the loop serves other calls, health checks and reflection.
+
+    Calls take turns. GATHERING_TURNS deletions run at once; when one ends,
+    the calls waiting then start together, as one deletion in one set of
+    commands (in order of arrival, up to MAX_BATCH_SIZE models): under load,
+    MongoDB's work and the service's grow more slowly than the calls (see
+    may_join for who waits for the next turn instead). A deletion that turns out
+    large (a full round) stops holding up the turns, and at most
     GRPC_MAX_WORKERS deletions talk to MongoDB at once."""
 
     def __init__(self, db, mongo_timeout_s, max_deletions, metrics):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
-        self._deletion_slots = asyncio.Semaphore(max_deletions)
+        self._max_deletions = max_deletions
         self._metrics = metrics
-        self.unfinished = set()  # deletions still running, their callers gone or not
+        self._waiting = collections.deque()
+        self._running = 0
+        self._gathering = 0
+        self.unfinished = set()  # deletions waiting or running, their callers gone or not
 
     async def _delete(self, model_ids, dry_run, context):
-        # The budget runs from now: time spent waiting for a deletion slot
-        # counts against it, as it does against the caller's deadline.
+        # The budget runs from now: time spent waiting for a turn counts
+        # against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
         budget = self._mongo_timeout_s
         if remaining is not None:
             # Stop short of the caller's deadline, so the reply saying what
             # was removed still reaches it.
             budget = min(budget, remaining - max(REPLY_MARGIN_S, remaining / 10))
-        deadline = time.monotonic() + budget
-        request_id = CURRENT_CALL.get().request_id
-        deletion = asyncio.ensure_future(self._delete_and_count(model_ids, deadline, dry_run, request_id))
-        self.unfinished.add(deletion)
-        deletion.add_done_callback(self.unfinished.discard)
+        replies = asyncio.get_running_loop().create_future()
+        waiting = WaitingCall(Call(model_ids, CURRENT_CALL.get().request_id), time.monotonic() + budget,
+                              dry_run, replies)
+        self._waiting.append(waiting)
+        self.unfinished.add(waiting.replies)
+        waiting.replies.add_done_callback(self.unfinished.discard)
+        self._start_turns()
         # A caller that hangs up does not stop the deletion: it ends within
         # its budget, whole rounds and all, and is counted.
-        return await asyncio.shield(deletion)
+        return await asyncio.shield(waiting.replies)
 
-    async def _delete_and_count(self, model_ids, deadline, dry_run, request_id):
-        async with self._deletion_slots:
-            replies = await delete_and_describe(self._db, model_ids, deadline, dry_run, request_id)
-        if not dry_run:
-            self._metrics.count(replies)
-        return replies
+    def _start_turns(self):
+        while self._gathering < GATHERING_TURNS and self._running < self._max_deletions:
+            while self._waiting and self._waiting[0].replies.done():  # abandoned by the drain
+                self._waiting.popleft()
+            if not self._waiting:
+                return
+            self._running += 1
+            self._gathering += 1
+            turn = asyncio.ensure_future(self._take_turn(self._next_group()))
+            self.unfinished.add(turn)
+            turn.add_done_callback(self.unfinished.discard)
+
+    def _next_group(self):
+        """The first waiting call, and those that may join it."""
+        first, now = self._waiting.popleft(), time.monotonic()
+        group, models, left = [first], set(first.call.valid), collections.deque()
+        while self._waiting:
+            waiting = self._waiting.popleft()
+            if may_join(group, models, waiting, now):
+                group.append(waiting)
+                models.update(waiting.call.valid)
+            else:
+                left.append(waiting)
+        self._waiting = left
+        return group
+
+    async def _take_turn(self, group):
+        gathering = True
+
+        def stop_gathering():  # once the turn turns out large, or ends
+            nonlocal gathering
+            if gathering:
+                gathering = False
+                self._gathering -= 1
+                self._start_turns()
+
+        deadline = min(waiting.deadline for waiting in group)
+        if group[0].dry_run:  # a turn of its own: it gathers nobody
+            stop_gathering()
+        try:
+            all_replies = await delete_and_describe_calls(
+                self._db, [waiting.call for waiting in group], deadline, group[0].dry_run, stop_gathering)
+            for waiting, replies in zip(group, all_replies, strict=True):
+                if not waiting.dry_run:
+                    self._metrics.count(replies)
+                if not waiting.replies.done():
+                    waiting.replies.set_result(replies)
+        except Exception as error:  # a bug: each caller gets it, as from a deletion of its own
+            for waiting in group:
+                if not waiting.replies.done():
+                    waiting.replies.set_exception(error)
+        finally:
+            for waiting in group:  # the drain abandoned the turn
+                if not waiting.replies.done():
+                    waiting.replies.cancel()
+            self._running -= 1
+            stop_gathering()
+            self._start_turns()
 
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)

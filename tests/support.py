@@ -195,6 +195,15 @@ def delete_batch(stub_, model_ids, timeout=10, **kwargs):
 QUERY_LOOK_ALIKES = ['{"$ne": null}', '{"$gt": ""}', "$ne", "$where", ".*", "^", "/.*/", "*", "", " "]
 
 
+def wait_until(condition, timeout_s=10):
+    """Until ``condition()`` holds: the server's own state, looked at as it changes."""
+    changed = threading.Event()
+    give_up = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < give_up, "the condition never held"
+        changed.wait(0.01)
+
+
 def a_second_later():
     return datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1)
 

@@ -559,7 +559,8 @@ def test_a_batch_shares_out_what_was_removed_when_files_were_already_gone(databa
     chair, table = delete_batch(stub, ["chair", "table"])
     assert (chair.deleted_images, table.deleted_images) == (1, 1)
     assert chair.deleted_files + table.deleted_files == 1  # what the database removed, shared out
-    assert all("counts shared out within the batch" in result.message for result in (chair, table))
+    shared_out = "counts shared out among the models deleted with it"
+    assert all(shared_out in result.message for result in (chair, table))
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -781,7 +782,7 @@ def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gon
 
     assert (chair.deleted_images, chair.deleted_files) == (1, 1)
     assert (table.deleted_images, table.deleted_files) == (1, 0)
-    assert "1 file shared with a model earlier in this batch, counted there" in table.message
+    assert "1 file shared with a model deleted with it, counted there" in table.message
     assert "gone" not in chair.message + table.message
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
@@ -880,7 +881,7 @@ def test_a_file_shared_with_a_model_of_a_later_round_is_counted_with_the_first_a
     assert (chair.deleted_images, chair.deleted_files) == (2, 2)
     assert (table.deleted_images, table.deleted_files) == (1, 0)
     assert "gone" not in chair.message + table.message
-    assert "1 file shared with a model earlier in this batch, counted there" in table.message
+    assert "1 file shared with a model deleted with it, counted there" in table.message
 
 
 class ReplySizes(pymongo.monitoring.CommandListener):

@@ -35,6 +35,7 @@ from support import (
     serving,
     serving_on,
     upload,
+    wait_until,
 )
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -263,13 +264,15 @@ def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
 
 
 def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full(wire):
-    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=3,
+    metrics = observability.Metrics()
+    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=3,
                     max_concurrent_rpcs=3) as (stub_, _, channel):
         wire.hang()
         held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=30)
                 for i in range(3)]
-        for _ in held:
+        for _ in range(server.GATHERING_TURNS):  # at the database; the third waits for a turn
             assert wire.arrivals.acquire(timeout=10)
+        wait_until(lambda: metrics.registry.get_sample_value("image_service_calls_in_flight") == 3)
         with pytest.raises(grpc.RpcError) as shed:
             delete(stub_, "one-more")
         check = health_pb2_grpc.HealthStub(channel).Check
