@@ -22,8 +22,8 @@ command line. The rest lives beside it, one concern a file:
   on the primary), the in-memory sample store;
 - ``image_service_turns.py``: how delete calls take turns at the database,
   and share them under load;
-- ``image_service_replies.py``: each model's account of a delete, and the
-  reply messages and outcomes built from it;
+- ``image_service_replies.py``: which ids are refused, each model's account
+  of a delete, and the reply messages and outcomes built from it;
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
@@ -40,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-import unicodedata
 
 # gRPC's own log lines (one per failed TLS handshake, say) go to stderr
 # outside our log format, and any client can cause them: errors only, unless
@@ -67,15 +66,7 @@ from image_service_observability import (
     describe_failure,
     start_metrics_endpoint,
 )
-from image_service_replies import (
-    MAX_MODEL_ID_LENGTH,
-    ModelImages,
-    classify_failure,
-    credit,
-    cut_for_reply,
-    repeat_reply,
-    reply_for,
-)
+from image_service_replies import Call, ModelImages, classify_failure, credit
 from image_service_settings import (
     ConfigError,
     check_listen_address,
@@ -131,17 +122,6 @@ READ_BATCH_SIZE = 100_000
 # Reads compare strings exactly, whatever default collation a collection
 # was created with: a case-insensitive one would read "Chair" for "chair".
 EXACT = Collation("simple")
-
-
-def invalid_model_id_reason(model_id):
-    """Why a model id is refused, or None when it is acceptable."""
-    if not model_id:
-        return "model_id is empty"
-    if len(model_id) > MAX_MODEL_ID_LENGTH:
-        return f"model_id is longer than {MAX_MODEL_ID_LENGTH} characters"
-    if any(unicodedata.category(ch) == "Cc" for ch in model_id):
-        return "model_id contains control characters"
-    return None
 
 
 def stored_model_id_forms(model_id):
@@ -359,31 +339,6 @@ async def preview_images_of_models(db, model_ids, found):
         images.deleted_files = len(own)
         images.kept_files = len(read.file_ids[model_id] & kept)
         images.file_bytes = sum(lengths[file_id] for file_id in own)
-
-
-class Call:
-    """The model ids one call names, in order, with why any is refused."""
-
-    def __init__(self, model_ids, request_id="-"):
-        self.model_ids = model_ids
-        self.request_id = request_id
-        self.reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
-        self.valid = [model_id for model_id, reason in self.reasons.items() if reason is None]
-
-    def replies(self, found, dry_run, finished, failure):
-        """One reply per id named, in order; a repeated id's refers to its first."""
-        replies, first_reply = [], {}
-        for model_id in self.model_ids:
-            if self.reasons[model_id]:
-                replies.append(pb2.DeleteImageResponse(
-                    success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
-                    model_id=cut_for_reply(model_id), message=self.reasons[model_id]))
-            elif model_id in first_reply:
-                replies.append(repeat_reply(first_reply[model_id]))
-            else:
-                replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
-                first_reply[model_id] = replies[-1]
-        return replies
 
 
 def failure_reported(error, calls):
