@@ -115,6 +115,8 @@ MAX_BATCH_SIZE = 1000
 ROUND_SIZE = 10_000
 # The part of a caller's deadline kept for the reply, at least.
 REPLY_MARGIN_S = 0.05
+# Calls of a shared turn going on alone at once, after a full round.
+ALONE_AT_ONCE = 10
 # A failure's log line names this many of the calls that shared the turn.
 LOGGED_REQUEST_IDS = 20
 # A dry run reads every document at once, this many per reply.
@@ -248,7 +250,6 @@ class Rounds:
     deleted_earlier: dict = dataclasses.field(default_factory=dict)  # file id -> the model counted for it
     slowest: float = 0.0
     last_was_full: bool = False
-    last_read: dict = dataclasses.field(default_factory=dict)  # model id -> images the last read found
     on_full_round: object = None  # called after each full round
 
     def carried_on(self):
@@ -258,15 +259,18 @@ class Rounds:
         return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier), last_was_full=False)
 
 
-async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False):
+async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False,
+                                  deleted_alongside=()):
     """Removes every image of the models, round by round, adding to
     ``found`` what each round removed. Returns True once a read finds none
     left, False when too little of the budget (``deadline``, on
     ``time.monotonic()``) remains for another full round: twice the slowest
     so far; with ``stop_when_full``, False after the first full round.
-    ``rounds`` carries on from an earlier deletion of the same models."""
+    ``rounds`` carries on from an earlier deletion of the same models; the
+    images of ``deleted_alongside`` (models being deleted at the same time)
+    keep no file."""
     forms_to_models = forms_to_models_of(model_ids)
-    forms = list(forms_to_models)
+    forms = list(forms_to_models_of([*model_ids, *deleted_alongside]))
     rounds = rounds or Rounds()
     while not (rounds.last_was_full and deadline - time.monotonic() < 2 * rounds.slowest):
         started = time.monotonic()
@@ -274,7 +278,6 @@ async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, s
         if not read.metadata_ids:
             return True
         await remove_round(db, read, forms, found, rounds.deleted_earlier)
-        rounds.last_read = {model_id: len(ids) for model_id, ids in read.metadata_ids.items()}
         rounds.slowest = max(rounds.slowest, time.monotonic() - started)
         rounds.last_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
         if rounds.last_was_full and rounds.on_full_round:
@@ -287,34 +290,35 @@ async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, s
 async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None, on_ended=None):
     """Removes the models of several calls together: the same rounds, one
     set of commands for all of them (their models are distinct). A full
-    round means a model with many images, which every other call would
-    wait behind: from there each call goes on alone, one after the other,
-    those with the fewest images in that round first (one at a time, so a
-    file two of them share is deleted by the second, once the first's images
-    are gone). Returns each call's ending: whether none of its images is
-    left, and its failure (None, or the reply's outcome and message).
-    ``on_full_round`` is called after every full round; ``on_ended(call,
-    ending)`` as each call going on alone ends, so it can be answered then."""
+    round may hold one model's images only, which every other call would
+    wait behind: from there each call goes on alone, ALONE_AT_ONCE at a time
+    (the others' images keep no file: they are going too). A call goes on
+    only with at least a round's time left; otherwise its time ran out.
+    Returns each call's ending: whether none of its images is left, and its
+    failure (None, or the reply's outcome and message). ``on_full_round``
+    is called after every full round; ``on_ended(call, ending)`` as each
+    call going on alone ends, so it can be answered then."""
     rounds = Rounds(on_full_round=on_full_round)
     together = [model_id for call in calls for model_id in call.valid]
     if await delete_images_of_models(db, together, found, deadline, rounds, stop_when_full=len(calls) > 1):
         return [(True, None)] * len(calls)
     if len(calls) == 1:
         return [(False, None)]
-    endings = {}
+    turns_alone = asyncio.Semaphore(ALONE_AT_ONCE)
 
-    def images_last_read(call):
-        return sum(rounds.last_read.get(model_id, 0) for model_id in call.valid)
-
-    for call in sorted(calls, key=images_last_read):
-        try:
-            finished = await delete_images_of_models(db, call.valid, found, deadline, rounds.carried_on())
-            endings[call] = (finished, None)
-        except Exception as error:  # Reported to this call; the others go on.
-            endings[call] = (True, failure_reported(error, [call]))
+    async def go_on_alone(call):
+        async with turns_alone:
+            try:
+                finished = deadline - time.monotonic() >= rounds.slowest and await delete_images_of_models(
+                    db, call.valid, found, deadline, rounds.carried_on(), deleted_alongside=together)
+                ending = (finished, None)
+            except Exception as error:  # Reported to this call; the others go on.
+                ending = (True, failure_reported(error, [call]))
         if on_ended:
-            on_ended(call, endings[call])
-    return [endings[call] for call in calls]
+            on_ended(call, ending)
+        return ending
+
+    return await asyncio.gather(*(go_on_alone(call) for call in calls))
 
 
 async def preview_images_of_models(db, model_ids, found):

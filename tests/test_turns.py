@@ -1,7 +1,7 @@
-"""Calls take turns: two deletions run at once, and the calls that arrive
-meanwhile are deleted together in the next turn, each answered for its own
-models exactly as if it had run alone (image_service_server.py, the
-servicer)."""
+"""Calls take turns: two turns gather calls at once, and the calls that
+arrive meanwhile are deleted together in the next, each answered for its
+own models (image_service_turns.py; the deletion of several calls in
+image_service_server.py)."""
 
 import asyncio
 import threading
@@ -193,7 +193,7 @@ def deleted_together(db, calls, seconds=30, **options):
     return asyncio.run(server.delete_and_describe_calls(served_database(db), calls, deadline, **options))
 
 
-def test_calls_deleted_together_go_on_one_by_one_once_a_round_is_full(wire, monkeypatch):
+def test_calls_deleted_together_go_on_alone_once_a_round_is_full(wire, monkeypatch):
     monkeypatch.setattr(server, "ROUND_SIZE", 3)
     for _ in range(7):
         upload(wire.db, "big")
@@ -204,16 +204,16 @@ def test_calls_deleted_together_go_on_one_by_one_once_a_round_is_full(wire, monk
     assert [(r.success, r.deleted_images) for (r,) in replies] == [(True, 7), (True, 1)]
     assert len(full_rounds) == 2  # 3 of big's images, then 3 more: 7 is not a multiple of 3
     reads = [command["filter"]["model_id"]["$in"] for command in wire.commands if "find" in command]
-    # Small first, on its own (it had no images in the full round), then big.
-    assert reads == [["big", "small"], ["small"], ["small"], ["big"], ["big"], ["big"]]
+    # One shared read; then small reads on its own, not behind big's rounds.
+    assert reads[0] == ["big", "small"] and reads[1:].count(["small"]) == 2
     assert_store_consistent(wire.db)
 
 
-async def deleted_on_the_wire(wire, calls, **options):
+async def deleted_on_the_wire(wire, calls, seconds=30, **options):
     client = wire.async_client()
     try:
         db = client["CatalogServiceDB"]
-        return await server.delete_and_describe_calls(db, calls, time.monotonic() + 30, **options)
+        return await server.delete_and_describe_calls(db, calls, time.monotonic() + seconds, **options)
     finally:
         await client.close()
 
@@ -307,16 +307,32 @@ def test_a_deletion_carried_on_from_a_full_round_reads_at_least_once(database):
     assert (finished, found["small"].deleted_images) == (True, 1)
 
 
-def test_a_call_that_goes_on_alone_after_a_full_round_is_answered_before_the_larger_one_ends(
-        database, monkeypatch):
+def test_a_call_that_goes_on_alone_after_a_full_round_is_answered_as_soon_as_it_ends(database, monkeypatch):
     monkeypatch.setattr(server, "ROUND_SIZE", 3)
+    monkeypatch.setattr(server, "ALONE_AT_ONCE", 1)  # small goes on first, then big
     for _ in range(7):
         upload(database, "big")
     upload(database, "small")
-    answered = []
-    deleted_together(database, [server.Call(["big"]), server.Call(["small"])],
-                     on_answered=lambda call, replies: answered.append(call.model_ids[0]))
-    assert answered == ["small", "big"]
+    big_images_left_at_answer = {}
+
+    def answered(call, replies):
+        big_images_left_at_answer[call.model_ids[0]] = len(images_of(database, "big"))
+
+    deleted_together(database, [server.Call(["small"]), server.Call(["big"])], on_answered=answered)
+    assert big_images_left_at_answer == {"small": 4, "big": 0}
+
+
+def test_calls_left_without_a_rounds_time_after_a_full_round_are_answered_incomplete(wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 3)
+    for _ in range(7):
+        upload(wire.db, "big")
+    upload(wire.db, "small")
+    wire.faults[1] = lambda: time.sleep(2.0)  # a slow shared read: 2 s of a 3 s budget
+    calls = [server.Call(["big"]), server.Call(["small"])]
+    replies = asyncio.run(deleted_on_the_wire(wire, calls, seconds=3))
+    assert [(r.outcome, r.deleted_images) for (r,) in replies] == [
+        (pb2.OUTCOME_INCOMPLETE, 3), (pb2.OUTCOME_INCOMPLETE, 0)]
+    assert wire.names().count("find") == 1
 
 
 def test_turns_the_drain_cancels_before_they_start_leave_room_for_new_ones():
@@ -402,3 +418,29 @@ def test_a_failure_of_many_calls_names_a_bounded_number_of_request_ids(service_l
     line = service_log.wait_for("failed request_id=").getMessage()
     assert f"req-{server.LOGGED_REQUEST_IDS - 1},...(5 more):" in line
     assert f"req-{server.LOGGED_REQUEST_IDS}," not in line
+
+
+def test_a_file_shared_by_calls_going_on_alone_at_the_same_time_is_not_left_behind(wire, monkeypatch):
+    monkeypatch.setattr(server, "ROUND_SIZE", 3)
+    for _ in range(3):
+        upload(wire.db, "big")  # the shared read: big's 3 images, a full round
+    upload(wire.db, "chair")
+    shared = images_of(wire.db, "chair")[0]["image_id"]
+    wire.db.images.insert_one({"name": "stool.jpg", "image_id": shared, "model_id": "stool"})
+
+    def metadata_deletes(commands):
+        return sum(1 for command in commands if command.get("delete") == "images")
+
+    def metadata_deleted_together(number):
+        def hold():  # so chair's and stool's reference checks each saw the other's image
+            if wire.commands[number - 1].get("delete") == "images":
+                wait_until(lambda: metadata_deletes(wire.commands) == 3)
+        return hold
+
+    # Commands 1-5 are the shared round, with its metadata delete.
+    wire.faults.update((number, metadata_deleted_together(number)) for number in range(6, 16))
+    calls = [server.Call(["big"]), server.Call(["chair"]), server.Call(["stool"])]
+    replies = asyncio.run(deleted_on_the_wire(wire, calls))
+    assert [(r.success, r.deleted_images) for (r,) in replies] == [(True, 3), (True, 1), (True, 1)]
+    assert wire.db["fs.files"].count_documents({}) == 0
+    assert_store_consistent(wire.db)
