@@ -1,14 +1,16 @@
 """What a reply says: each model's account of a delete, and the reply built from it.
 
-This module owns ``ModelImages`` (what a delete found of one model, what
-MongoDB reported removed, what was kept), how a batch's counts are shared
-out among its models when MongoDB removed fewer than were wanted, and the
-reply messages and outcomes: deleted, nothing to delete, unfinished (a
-failure, or time run out between rounds), a dry run's preview, and the
-repeat of a model named twice in a batch.
+This module owns which model ids are refused; ``Call``, the ids one call
+names, answered in order; ``ModelImages`` (what a delete found of one
+model, what MongoDB reported removed, what was kept); how the counts of
+models deleted together are shared out when MongoDB removed fewer than
+were wanted; and the reply messages and outcomes: deleted, nothing to
+delete, unfinished (a failure, or time run out between rounds), a dry
+run's preview, and the repeat of a model named twice in a batch.
 """
 
 import dataclasses
+import unicodedata
 
 import pymongo.errors
 
@@ -178,3 +180,39 @@ def reply_for(model_id, images, dry_run, finished, failure):
         return unfinished_reply(model_id, images, pb2.OUTCOME_INCOMPLETE,
                                 "more images remain: this call's time ran out; call again to continue")
     return deletion_reply(model_id, images)
+
+
+def invalid_model_id_reason(model_id):
+    """Why a model id is refused, or None when it is acceptable."""
+    if not model_id:
+        return "model_id is empty"
+    if len(model_id) > MAX_MODEL_ID_LENGTH:
+        return f"model_id is longer than {MAX_MODEL_ID_LENGTH} characters"
+    if any(unicodedata.category(ch) == "Cc" for ch in model_id):
+        return "model_id contains control characters"
+    return None
+
+
+class Call:
+    """The model ids one call names, in order, with why any is refused."""
+
+    def __init__(self, model_ids, request_id="-"):
+        self.model_ids = model_ids
+        self.request_id = request_id
+        self.reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
+        self.valid = [model_id for model_id, reason in self.reasons.items() if reason is None]
+
+    def replies(self, found, dry_run, finished, failure):
+        """One reply per id named, in order; a repeated id's refers to its first."""
+        replies, first_reply = [], {}
+        for model_id in self.model_ids:
+            if self.reasons[model_id]:
+                replies.append(pb2.DeleteImageResponse(
+                    success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
+                    model_id=cut_for_reply(model_id), message=self.reasons[model_id]))
+            elif model_id in first_reply:
+                replies.append(repeat_reply(first_reply[model_id]))
+            else:
+                replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
+                first_reply[model_id] = replies[-1]
+        return replies

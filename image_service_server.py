@@ -20,8 +20,10 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_store.py``: what the upload service writes, how an
   ``image_id`` names a GridFS file, the indexes, opening the database (reads
   on the primary), the in-memory sample store;
-- ``image_service_replies.py``: each model's account of a delete, and the
-  reply messages and outcomes built from it;
+- ``image_service_turns.py``: how delete calls take turns at the database,
+  and share them under load;
+- ``image_service_replies.py``: which ids are refused, each model's account
+  of a delete, and the reply messages and outcomes built from it;
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
@@ -38,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-import unicodedata
 
 # gRPC's own log lines (one per failed TLS handshake, say) go to stderr
 # outside our log format, and any client can cause them: errors only, unless
@@ -65,15 +66,7 @@ from image_service_observability import (
     describe_failure,
     start_metrics_endpoint,
 )
-from image_service_replies import (
-    MAX_MODEL_ID_LENGTH,
-    ModelImages,
-    classify_failure,
-    credit,
-    cut_for_reply,
-    repeat_reply,
-    reply_for,
-)
+from image_service_replies import Call, ModelImages, classify_failure, credit
 from image_service_settings import (
     ConfigError,
     check_listen_address,
@@ -95,6 +88,7 @@ from image_service_store import (
     references_filter,
     stored_file_ids,
 )
+from image_service_turns import Turns, WaitingCall
 
 log = logging.getLogger("image_service")
 
@@ -121,27 +115,15 @@ MAX_BATCH_SIZE = 1000
 ROUND_SIZE = 10_000
 # The part of a caller's deadline kept for the reply, at least.
 REPLY_MARGIN_S = 0.05
-# Deletions that gather waiting calls at once. Fewer, larger deletions cost
-# less per model, on the server and on MongoDB; two keep one deletion's
-# waits for MongoDB filled with the other's work (measured against 1, 4
-# and 10: docs/performance.md).
-GATHERING_TURNS = 2
+# Calls of a shared turn going on alone at once, after a full round.
+ALONE_AT_ONCE = 10
+# A failure's log line names this many of the calls that shared the turn.
+LOGGED_REQUEST_IDS = 20
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
 # Reads compare strings exactly, whatever default collation a collection
 # was created with: a case-insensitive one would read "Chair" for "chair".
 EXACT = Collation("simple")
-
-
-def invalid_model_id_reason(model_id):
-    """Why a model id is refused, or None when it is acceptable."""
-    if not model_id:
-        return "model_id is empty"
-    if len(model_id) > MAX_MODEL_ID_LENGTH:
-        return f"model_id is longer than {MAX_MODEL_ID_LENGTH} characters"
-    if any(unicodedata.category(ch) == "Cc" for ch in model_id):
-        return "model_id contains control characters"
-    return None
 
 
 def stored_model_id_forms(model_id):
@@ -268,7 +250,6 @@ class Rounds:
     deleted_earlier: dict = dataclasses.field(default_factory=dict)  # file id -> the model counted for it
     slowest: float = 0.0
     last_was_full: bool = False
-    last_read: dict = dataclasses.field(default_factory=dict)  # model id -> images the last read found
     on_full_round: object = None  # called after each full round
 
     def carried_on(self):
@@ -278,15 +259,18 @@ class Rounds:
         return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier), last_was_full=False)
 
 
-async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False):
+async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False,
+                                  deleted_alongside=()):
     """Removes every image of the models, round by round, adding to
     ``found`` what each round removed. Returns True once a read finds none
     left, False when too little of the budget (``deadline``, on
     ``time.monotonic()``) remains for another full round: twice the slowest
     so far; with ``stop_when_full``, False after the first full round.
-    ``rounds`` carries on from an earlier deletion of the same models."""
+    ``rounds`` carries on from an earlier deletion of the same models; the
+    images of ``deleted_alongside`` (models being deleted at the same time)
+    keep no file."""
     forms_to_models = forms_to_models_of(model_ids)
-    forms = list(forms_to_models)
+    forms = list(forms_to_models_of([*model_ids, *deleted_alongside]))
     rounds = rounds or Rounds()
     while not (rounds.last_was_full and deadline - time.monotonic() < 2 * rounds.slowest):
         started = time.monotonic()
@@ -294,7 +278,6 @@ async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, s
         if not read.metadata_ids:
             return True
         await remove_round(db, read, forms, found, rounds.deleted_earlier)
-        rounds.last_read = {model_id: len(ids) for model_id, ids in read.metadata_ids.items()}
         rounds.slowest = max(rounds.slowest, time.monotonic() - started)
         rounds.last_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
         if rounds.last_was_full and rounds.on_full_round:
@@ -304,33 +287,38 @@ async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, s
     return False
 
 
-async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None):
+async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None, on_ended=None):
     """Removes the models of several calls together: the same rounds, one
     set of commands for all of them (their models are distinct). A full
-    round means a model with many images, which every other call would
-    wait behind: from there each call goes on alone, one after the other,
-    those with the fewest images in that round first (one at a time, so a
-    file two of them share is deleted by the second, once the first's images
-    are gone). Returns each call's ending: whether none of its images is
-    left, and its failure (None, or the reply's outcome and message).
-    ``on_full_round`` is called after every full round."""
+    round may hold one model's images only, which every other call would
+    wait behind: from there each call goes on alone, ALONE_AT_ONCE at a time
+    (the others' images keep no file: they are going too). A call goes on
+    only with at least a round's time left; otherwise its time ran out.
+    Returns each call's ending: whether none of its images is left, and its
+    failure (None, or the reply's outcome and message). ``on_full_round``
+    is called after every full round; ``on_ended(call, ending)`` as each
+    call going on alone ends, so it can be answered then."""
     rounds = Rounds(on_full_round=on_full_round)
     together = [model_id for call in calls for model_id in call.valid]
     if await delete_images_of_models(db, together, found, deadline, rounds, stop_when_full=len(calls) > 1):
         return [(True, None)] * len(calls)
     if len(calls) == 1:
         return [(False, None)]
-    endings = {}
-    def images_last_read(call):
-        return sum(rounds.last_read.get(model_id, 0) for model_id in call.valid)
+    turns_alone = asyncio.Semaphore(ALONE_AT_ONCE)
 
-    for call in sorted(calls, key=images_last_read):
-        try:
-            finished = await delete_images_of_models(db, call.valid, found, deadline, rounds.carried_on())
-            endings[call] = (finished, None)
-        except Exception as error:  # Reported to this call; the others go on.
-            endings[call] = (True, failure_reported(error, [call]))
-    return [endings[call] for call in calls]
+    async def go_on_alone(call):
+        async with turns_alone:
+            try:
+                finished = deadline - time.monotonic() >= rounds.slowest and await delete_images_of_models(
+                    db, call.valid, found, deadline, rounds.carried_on(), deleted_alongside=together)
+                ending = (finished, None)
+            except Exception as error:  # Reported to this call; the others go on.
+                ending = (True, failure_reported(error, [call]))
+        if on_ended:
+            on_ended(call, ending)
+        return ending
+
+    return await asyncio.gather(*(go_on_alone(call) for call in calls))
 
 
 async def preview_images_of_models(db, model_ids, found):
@@ -357,48 +345,34 @@ async def preview_images_of_models(db, model_ids, found):
         images.file_bytes = sum(lengths[file_id] for file_id in own)
 
 
-class Call:
-    """The model ids one call names, in order, with why any is refused."""
-
-    def __init__(self, model_ids, request_id="-"):
-        self.model_ids = model_ids
-        self.request_id = request_id
-        self.reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
-        self.valid = [model_id for model_id, reason in self.reasons.items() if reason is None]
-
-    def replies(self, found, dry_run, finished, failure):
-        """One reply per id named, in order; a repeated id's refers to its first."""
-        replies, first_reply = [], {}
-        for model_id in self.model_ids:
-            if self.reasons[model_id]:
-                replies.append(pb2.DeleteImageResponse(
-                    success=False, outcome=pb2.OUTCOME_INVALID_ARGUMENT,
-                    model_id=cut_for_reply(model_id), message=self.reasons[model_id]))
-            elif model_id in first_reply:
-                replies.append(repeat_reply(first_reply[model_id]))
-            else:
-                replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
-                first_reply[model_id] = replies[-1]
-        return replies
-
-
 def failure_reported(error, calls):
     """Logs a database failure of ``calls`` and returns what their replies
     say of it: the outcome and a message safe for callers."""
-    request_ids = ",".join(call.request_id for call in calls)
+    named = [call.request_id for call in calls[:LOGGED_REQUEST_IDS]]
+    more = len(calls) - len(named)
+    request_ids = ",".join(named) + (f",...({more} more)" if more else "")
     log.warning("delete of %d model(s) failed request_id=%s: %s: %s", sum(len(call.valid) for call in calls),
                 request_ids, type(error).__name__, describe_failure(error))
     log.debug("request_id=%s the driver said: %s", request_ids, error)
     return classify_failure(error)
 
 
-async def delete_and_describe_calls(db, calls, deadline, dry_run=False, on_full_round=None):
+async def delete_and_describe_calls(db, calls, deadline, dry_run=False, on_full_round=None, on_answered=None):
     """Each call's replies. Invalid ids are answered without touching
     anything; the valid ones (distinct between calls) are deleted together
     (in a dry run, previewed) before ``deadline`` (on ``time.monotonic()``);
-    a database failure is reported on each, with what was removed before it."""
+    a database failure is reported on each, with what was removed before it.
+    ``on_answered(call, replies)`` is called as soon as a call's replies are
+    final, which may be before the others'."""
     valid = [model_id for call in calls for model_id in call.valid]
     found = {model_id: ModelImages() for model_id in valid}
+    answered = {}
+
+    def answer(call, ending):
+        answered[call] = call.replies(found, dry_run, *ending)
+        if on_answered:
+            on_answered(call, answered[call])
+
     endings = [(True, None)] * len(calls)
     try:
         timeout_s = deadline - time.monotonic()
@@ -408,10 +382,13 @@ async def delete_and_describe_calls(db, calls, deadline, dry_run=False, on_full_
             if valid and dry_run:
                 await preview_images_of_models(db, valid, found)
             elif valid:
-                endings = await delete_images_of_calls(db, calls, found, deadline, on_full_round)
+                endings = await delete_images_of_calls(db, calls, found, deadline, on_full_round, answer)
     except Exception as error:  # Reported to the callers; the server goes on.
         endings = [(True, failure_reported(error, calls))] * len(calls)
-    return [call.replies(found, dry_run, *ending) for call, ending in zip(calls, endings, strict=True)]
+    for call, ending in zip(calls, endings, strict=True):
+        if call not in answered:
+            answer(call, ending)
+    return [answered[call] for call in calls]
 
 
 async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
@@ -426,52 +403,22 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
 # ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(eq=False)
-class WaitingCall:
-    """A call's deletion, waiting for its turn."""
-
-    call: Call
-    deadline: float  # on time.monotonic()
-    dry_run: bool
-    replies: asyncio.Future
-
-
-def may_join(group, models, waiting, now):
-    """Whether a waiting call may be deleted with ``group`` (the calls
-    gathered so far, holding ``models``), at ``now`` (on
-    ``time.monotonic()``): none is a dry run, the call waits on no model of
-    the group, the group stays within MAX_BATCH_SIZE models, and the turn's
-    deadline (its calls' earliest) leaves each of them at least nine tenths
-    of its own budget, so no call is cut short for another's sake."""
-    joining = set(waiting.call.valid)
-    deadlines = [member.deadline for member in group] + [waiting.deadline]
-    return (not (group[0].dry_run or waiting.dry_run or waiting.replies.done())
-            and not joining & models and len(models) + len(joining) <= MAX_BATCH_SIZE
-            and min(deadlines) - now >= 0.9 * (max(deadlines) - now))
-
-
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
     """The ImageService methods of image_service.proto. The deletion runs on
     the event loop with pymongo's asyncio client: while it waits on MongoDB
     the loop serves other calls, health checks and reflection.
 
-    Calls take turns. GATHERING_TURNS deletions run at once; when one ends,
-    the calls waiting then start together, as one deletion in one set of
-    commands (in order of arrival, up to MAX_BATCH_SIZE models): under load,
-    MongoDB's work and the service's grow more slowly than the calls (see
-    may_join for who waits for the next turn instead). A deletion that turns out
-    large (a full round) stops holding up the turns, and at most
-    GRPC_MAX_WORKERS deletions talk to MongoDB at once."""
+    Calls take turns (image_service_turns.py): under load, the calls that
+    wait for a turn are deleted together, up to MAX_BATCH_SIZE models, each
+    answered for its own; at most GRPC_MAX_WORKERS turns talk to MongoDB
+    at once."""
 
     def __init__(self, db, mongo_timeout_s, max_deletions, metrics):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
-        self._max_deletions = max_deletions
         self._metrics = metrics
-        self._waiting = collections.deque()
-        self._running = 0
-        self._gathering = 0
-        self.unfinished = set()  # deletions waiting or running, their callers gone or not
+        self._turns = Turns(self._take_turn, max_deletions, MAX_BATCH_SIZE)
+        self.unfinished = self._turns.unfinished  # for the drain
 
     async def _delete(self, model_ids, dry_run, context):
         # The budget runs from now: time spent waiting for a turn counts
@@ -483,74 +430,24 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
             # was removed still reaches it.
             budget = min(budget, remaining - max(REPLY_MARGIN_S, remaining / 10))
         replies = asyncio.get_running_loop().create_future()
-        waiting = WaitingCall(Call(model_ids, CURRENT_CALL.get().request_id), time.monotonic() + budget,
-                              dry_run, replies)
-        self._waiting.append(waiting)
-        self.unfinished.add(waiting.replies)
-        waiting.replies.add_done_callback(self.unfinished.discard)
-        self._start_turns()
+        call = Call(model_ids, CURRENT_CALL.get().request_id)
+        self._turns.wait_for_turn(WaitingCall(call, time.monotonic() + budget, dry_run, replies))
         # A caller that hangs up does not stop the deletion: it ends within
         # its budget, whole rounds and all, and is counted.
-        return await asyncio.shield(waiting.replies)
+        return await asyncio.shield(replies)
 
-    def _start_turns(self):
-        while self._gathering < GATHERING_TURNS and self._running < self._max_deletions:
-            while self._waiting and self._waiting[0].replies.done():  # abandoned by the drain
-                self._waiting.popleft()
-            if not self._waiting:
-                return
-            self._running += 1
-            self._gathering += 1
-            turn = asyncio.ensure_future(self._take_turn(self._next_group()))
-            self.unfinished.add(turn)
-            turn.add_done_callback(self.unfinished.discard)
+    async def _take_turn(self, group, deadline, stop_gathering):
+        waiting_for = {waiting.call: waiting for waiting in group}
 
-    def _next_group(self):
-        """The first waiting call, and those that may join it."""
-        first, now = self._waiting.popleft(), time.monotonic()
-        group, models, left = [first], set(first.call.valid), collections.deque()
-        while self._waiting:
-            waiting = self._waiting.popleft()
-            if may_join(group, models, waiting, now):
-                group.append(waiting)
-                models.update(waiting.call.valid)
-            else:
-                left.append(waiting)
-        self._waiting = left
-        return group
+        def answered(call, replies):
+            waiting = waiting_for[call]
+            if not waiting.dry_run:
+                self._metrics.count(replies)
+            if not waiting.replies.done():
+                waiting.replies.set_result(replies)
 
-    async def _take_turn(self, group):
-        gathering = True
-
-        def stop_gathering():  # once the turn turns out large, or ends
-            nonlocal gathering
-            if gathering:
-                gathering = False
-                self._gathering -= 1
-                self._start_turns()
-
-        deadline = min(waiting.deadline for waiting in group)
-        if group[0].dry_run:  # a turn of its own: it gathers nobody
-            stop_gathering()
-        try:
-            all_replies = await delete_and_describe_calls(
-                self._db, [waiting.call for waiting in group], deadline, group[0].dry_run, stop_gathering)
-            for waiting, replies in zip(group, all_replies, strict=True):
-                if not waiting.dry_run:
-                    self._metrics.count(replies)
-                if not waiting.replies.done():
-                    waiting.replies.set_result(replies)
-        except Exception as error:  # a bug: each caller gets it, as from a deletion of its own
-            for waiting in group:
-                if not waiting.replies.done():
-                    waiting.replies.set_exception(error)
-        finally:
-            for waiting in group:  # the drain abandoned the turn
-                if not waiting.replies.done():
-                    waiting.replies.cancel()
-            self._running -= 1
-            stop_gathering()
-            self._start_turns()
+        await delete_and_describe_calls(self._db, list(waiting_for), deadline, group[0].dry_run,
+                                        stop_gathering, answered)
 
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)

@@ -24,6 +24,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 import image_service_settings as service_settings
+import image_service_turns as turns
 from mongo_standins import WireMongo, closed_port
 from support import (
     HERE,
@@ -270,7 +271,7 @@ def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full
         wire.hang()
         held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=30)
                 for i in range(3)]
-        for _ in range(server.GATHERING_TURNS):  # at the database; the third waits for a turn
+        for _ in range(turns.GATHERING_TURNS):  # at the database; the third waits for a turn
             assert wire.arrivals.acquire(timeout=10)
         wait_until(lambda: metrics.registry.get_sample_value("image_service_calls_in_flight") == 3)
         with pytest.raises(grpc.RpcError) as shed:
