@@ -65,6 +65,8 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 from bench_mongo_standin import standin_process
+from image_service_background import BackgroundServer
+from image_service_replies import RequestedModels
 from image_service_store import InMemoryDatabase, referenced_file_id, store_image
 
 
@@ -174,7 +176,7 @@ def seed(db, prefix, models, images, image_bytes):
 
 async def direct_delete(db, model_id):
     """The service's deletion of one model, without gRPC."""
-    return await server.delete_and_describe(db, [model_id], time.monotonic() + 60)
+    return await server.delete_and_describe(db, RequestedModels([model_id]), time.monotonic() + 60)
 
 
 async def plain_sequence(db, model_id):
@@ -239,7 +241,7 @@ def run(args):
     db, counter, sync_db = open_database(args)
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  max_workers=max(args.concurrency, 4), mongo_timeout_s=60)
-    running = server.BackgroundServer(config, db)
+    running = BackgroundServer(server.start_server(config, db))
     image = bytes(args.image_kib * 1024)
     results = []
     try:
@@ -323,7 +325,7 @@ def _child_server(connection, kind, latency_ms, max_concurrent_rpcs, database):
     db = SlowDatabase(mongomock.MongoClient()[database], latency_ms / 1000, CommandCounter())
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
                                  mongo_timeout_s=60, max_concurrent_rpcs=max_concurrent_rpcs)
-    running = server.BackgroundServer(config, db, NoOpServicer() if kind == "no-op" else None)
+    running = BackgroundServer(server.start_server(config, db, NoOpServicer() if kind == "no-op" else None))
     connection.send(running.port)
     while (message := connection.recv())[0] == "seed":
         _, prefix, models, images, image_kib = message

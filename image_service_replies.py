@@ -1,7 +1,8 @@
 """What a reply says: each model's account of a delete, and the reply built from it.
 
-This module owns which model ids are refused; ``Call``, the ids one call
-names, answered in order; ``ModelImages`` (what a delete found of one
+This module owns which model ids are refused; ``RequestedModels``, the ids
+one call names, answered in order; how a deletion ended (``Ending``, with
+its ``Failure``, if any); ``ModelImages`` (what a delete found of one
 model, what MongoDB reported removed, what was kept); how the counts of
 models deleted together are shared out when MongoDB removed fewer than
 were wanted; and the reply messages and outcomes: deleted, nothing to
@@ -11,6 +12,7 @@ run's preview, and the repeat of a model named twice in a batch.
 
 import dataclasses
 import unicodedata
+from typing import NamedTuple
 
 import pymongo.errors
 
@@ -113,15 +115,15 @@ def deletion_notes(images):
 
 
 def deletion_reply(model_id, images):
-    """The reply for one model none of whose images remains."""
-    if images.deleted_images == 0 and images.deleted_files == 0 and not images.kept_files:
-        gone = (f"; a concurrent delete removed its {plural(images.found_images, 'image')} first"
-                if images.found_images else "")
+    """The reply for one model none of whose images remains. A model this
+    call read images of was deleted, even when a concurrent delete removed
+    them first: only a model it found nothing of had nothing to delete."""
+    if images.found_images == 0:
         return pb2.DeleteImageResponse(
             success=True,
             outcome=pb2.OUTCOME_NOTHING_TO_DELETE,
             model_id=model_id,
-            message=f"no images of model {model_id!r}; nothing to delete{gone}",
+            message=f"no images of model {model_id!r}; nothing to delete",
         )
     counts = f"deleted {plural(images.deleted_images, 'image')} and {plural(images.deleted_files, 'file')}"
     return pb2.DeleteImageResponse(
@@ -159,24 +161,40 @@ def repeat_reply(first):
         message="named earlier in this batch: see the result for its first mention, which counts its images")
 
 
+class Failure(NamedTuple):
+    """What a reply says of a failed deletion: its outcome, and a message safe for callers."""
+
+    outcome: int
+    message: str
+
+
+class Ending(NamedTuple):
+    """How a call's deletion ended: whether none of its models' images is
+    left, and its failure, if it failed."""
+
+    finished: bool
+    failure: Failure | None = None
+
+
 def classify_failure(error):
-    """The outcome and caller-safe message for a failed database call.
+    """The Failure a failed database call is reported as.
 
     The driver's own text stays in the server log (redacted): it can name
     hosts and users, and callers can do nothing with it.
     """
     unavailable = (pymongo.errors.ConnectionFailure, pymongo.errors.ExecutionTimeout)
     if isinstance(error, unavailable) or getattr(error, "timeout", False):
-        return pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later"
-    return pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log"
+        return Failure(pb2.OUTCOME_UNAVAILABLE, "database unavailable or too slow; retry later")
+    return Failure(pb2.OUTCOME_INTERNAL, "internal error while deleting; see the server log")
 
 
-def reply_for(model_id, images, dry_run, finished, failure):
-    if failure:
-        return unfinished_reply(model_id, images, failure[0], failure[1])
+def reply_for(model_id, images, dry_run, ending):
+    """The reply for one model, from its account and how the deletion ended."""
+    if ending.failure:
+        return unfinished_reply(model_id, images, ending.failure.outcome, ending.failure.message)
     if dry_run:
         return preview_reply(model_id, images)
-    if not finished:
+    if not ending.finished:
         return unfinished_reply(model_id, images, pb2.OUTCOME_INCOMPLETE,
                                 "more images remain: this call's time ran out; call again to continue")
     return deletion_reply(model_id, images)
@@ -193,16 +211,16 @@ def invalid_model_id_reason(model_id):
     return None
 
 
-class Call:
+class RequestedModels:
     """The model ids one call names, in order, with why any is refused."""
 
-    def __init__(self, model_ids, request_id="-"):
+    def __init__(self, model_ids: list[str], request_id: str = "-"):
         self.model_ids = model_ids
         self.request_id = request_id
         self.reasons = {model_id: invalid_model_id_reason(model_id) for model_id in model_ids}
         self.valid = [model_id for model_id, reason in self.reasons.items() if reason is None]
 
-    def replies(self, found, dry_run, finished, failure):
+    def replies(self, found, dry_run, ending):
         """One reply per id named, in order; a repeated id's refers to its first."""
         replies, first_reply = [], {}
         for model_id in self.model_ids:
@@ -213,6 +231,6 @@ class Call:
             elif model_id in first_reply:
                 replies.append(repeat_reply(first_reply[model_id]))
             else:
-                replies.append(reply_for(model_id, found[model_id], dry_run, finished, failure))
+                replies.append(reply_for(model_id, found[model_id], dry_run, ending))
                 first_reply[model_id] = replies[-1]
         return replies

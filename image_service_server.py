@@ -20,11 +20,11 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_store.py``: what the upload service writes, how an
   ``image_id`` names a GridFS file, the indexes, opening the database (reads
   on the primary), the in-memory sample store;
-- ``image_service_turns.py``: how delete calls take turns at the database,
-  and share them under load;
 - ``image_service_replies.py``: which ids are refused, each model's account
   of a delete, and the reply messages and outcomes built from it;
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
+- ``image_service_background.py``: the server in a thread of its own, for
+  the tests, the benchmark and the load run;
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
 Run ``.venv/bin/python image_service_server.py --help`` for the command line.
@@ -38,7 +38,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 
 # gRPC's own log lines (one per failed TLS handshake, say) go to stderr
@@ -66,7 +65,7 @@ from image_service_observability import (
     describe_failure,
     start_metrics_endpoint,
 )
-from image_service_replies import Call, ModelImages, classify_failure, credit
+from image_service_replies import Ending, ModelImages, RequestedModels, classify_failure, credit
 from image_service_settings import (
     ConfigError,
     check_listen_address,
@@ -81,14 +80,12 @@ from image_service_store import (
     SAMPLE_MODELS,
     create_indexes,
     describe_indexes,
-    gridfs_file_key,
     in_batches,
     open_database,
     referenced_file_id,
     references_filter,
     stored_file_ids,
 )
-from image_service_turns import Turns, WaitingCall
 
 log = logging.getLogger("image_service")
 
@@ -98,15 +95,17 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # The deletion
 # ---------------------------------------------------------------------------
 #
-# A delete works in rounds, each whole in itself: read up to ROUND_SIZE
-# ``images`` documents of the models; keep the files that an image of
-# another model still references; delete the other files (``fs.files``, then
-# ``fs.chunks``, as GridFS does), then the documents read (by ``_id``). Files
-# go before the metadata, so after any failure the metadata still points at
-# what a retry must finish. Rounds go on until a read finds nothing left,
-# and only then does a reply say success; when the time budget runs out
-# first, the reply says how much was removed and that more remains, and the
-# next call goes on from there.
+# A call's deletion works in rounds, each whole in itself: read up to
+# ROUND_SIZE ``images`` documents of the call's models; keep the files that
+# an image of another model still references; delete the other files
+# (``fs.files``, then ``fs.chunks``, as GridFS does), then the documents read
+# (by ``_id``); last, look once more at the files kept, and delete those that
+# nothing references any more. Files go before the metadata, so after any
+# failure the metadata still points at what a retry must finish. Rounds go
+# on until a read finds nothing left, and only then does a reply say
+# success; when the time budget runs out first, the reply says how much was
+# removed and that more remains, and the next call goes on from there. Each
+# call deletes on its own: its reply depends on its call and the database.
 
 MAX_BATCH_SIZE = 1000
 # Images per round. The largest command of a round, the reference check,
@@ -115,10 +114,6 @@ MAX_BATCH_SIZE = 1000
 ROUND_SIZE = 10_000
 # The part of a caller's deadline kept for the reply, at least.
 REPLY_MARGIN_S = 0.05
-# Calls of a shared turn going on alone at once, after a full round.
-ALONE_AT_ONCE = 10
-# A failure's log line names this many of the calls that shared the turn.
-LOGGED_REQUEST_IDS = 20
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
 # Reads compare strings exactly, whatever default collation a collection
@@ -126,7 +121,7 @@ READ_BATCH_SIZE = 100_000
 EXACT = Collation("simple")
 
 
-def stored_model_id_forms(model_id):
+def stored_model_id_forms(model_id: str) -> list:
     """The values ``images.model_id`` may hold for this model: the string,
     and also the ObjectId when the string is one's canonical (lower-case hex)
     spelling. Matching is exact: no trimming, case folding or patterns."""
@@ -136,20 +131,14 @@ def stored_model_id_forms(model_id):
     return forms
 
 
-def forms_to_models_of(model_ids):
-    """Each value ``images.model_id`` may hold for these models, mapped to
-    its model id."""
-    return {form: model_id for model_id in model_ids for form in stored_model_id_forms(model_id)}
-
-
-def images_of(forms):
+def images_of(forms: list) -> dict:
     """The filter for the ``images`` documents whose ``model_id`` is one of
     ``forms``: equal to it, not an array that merely contains it (such a
     document is another model's)."""
     return {"model_id": {"$in": forms, "$not": {"$type": "array"}}}
 
 
-def images_of_other_models(forms):
+def images_of_other_models(forms: list) -> dict:
     """The filter for every other ``images`` document: another model id, no
     model id, or an array of them."""
     return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
@@ -171,6 +160,9 @@ class ImagesRead:
         else:
             self.file_ids[model_id].add(file_id)
 
+    def size(self):
+        return sum(map(len, self.metadata_ids.values()))
+
     def file_owners(self, model_ids):
         """Each file named, with the first of ``model_ids`` naming it: a file
         two models of a batch share is counted once, with the first."""
@@ -181,221 +173,159 @@ class ImagesRead:
         return owners
 
 
-async def read_images(db, forms_to_models, limit=0):
-    """The ``images`` documents of the models (``forms_to_models`` maps each
-    stored form of a model id to the id), up to ``limit`` (0: all) in one
-    ``find``."""
-    read = ImagesRead()
-    cursor = db.images.find(images_of(list(forms_to_models)), {"model_id": 1, "image_id": 1},
-                            limit=limit, batch_size=limit or READ_BATCH_SIZE, collation=EXACT)
-    async for document in cursor:
-        read.add(forms_to_models[document["model_id"]], document)
-    return read
+class Deletion:
+    """One call's deletion of its models (distinct, valid ids) before
+    ``deadline`` (on ``time.monotonic()``): ``run`` removes them round by
+    round, ``preview`` says what it would remove. ``found`` holds each
+    model's account, as MongoDB reported each command, so a failure midway
+    still counts what went before it."""
+
+    def __init__(self, db, model_ids: list[str], deadline: float, round_size: int = ROUND_SIZE):
+        self.found = {model_id: ModelImages() for model_id in model_ids}
+        self._db = db
+        self._model_ids = model_ids
+        self._deadline = deadline
+        self._round_size = round_size
+        self._forms_to_models = {form: model_id for model_id in model_ids
+                                 for form in stored_model_id_forms(model_id)}
+        self._forms = list(self._forms_to_models)
+        self._deleted_earlier = {}  # file id -> the model counted for it, over the rounds
+        self._slowest_round = 0.0
+
+    async def run(self) -> bool:
+        """Removes every image of the models. True once a read finds none
+        left; False when, after a full round, less of the budget remains than
+        twice the slowest round so far."""
+        last_was_full = False
+        while not (last_was_full and self._deadline - time.monotonic() < 2 * self._slowest_round):
+            started = time.monotonic()
+            read = await self._read(limit=self._round_size)
+            if not read.metadata_ids:
+                return True
+            await self.remove_round(read)
+            self._slowest_round = max(self._slowest_round, time.monotonic() - started)
+            last_was_full = read.size() == self._round_size
+        return False
+
+    async def remove_round(self, read: ImagesRead) -> None:
+        """Deletes what one read found: the files no other model references,
+        their chunks, then the documents read; then the files it kept, if
+        nothing references them now."""
+        model_ids = [model_id for model_id in self._model_ids if read.metadata_ids[model_id]]
+        owners = read.file_owners(model_ids)
+        candidates = [file_id for file_id in owners if file_id not in self._deleted_earlier]
+        kept = await self._referenced_elsewhere(candidates)
+        self._count_read(read, model_ids, owners, kept)
+        doomed = [file_id for file_id in candidates if file_id not in kept]
+        await self._delete_files(doomed, owners, model_ids)
+        metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
+        removed = (await self._db.images.delete_many({"_id": {"$in": metadata_ids}})).deleted_count
+        credit(self.found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
+               "deleted_images")
+        if kept:
+            # Two calls deleting the last two models that share a file each
+            # see the other's image and keep it; the later of them finds
+            # no reference here, and the file goes with the last image.
+            unreferenced = kept - await self._referenced_elsewhere(list(kept))
+            for model_id in model_ids:
+                self.found[model_id].kept_files -= len(read.file_ids[model_id] & unreferenced)
+            await self._delete_files(list(unreferenced), owners, model_ids)
+
+    async def preview(self) -> None:
+        """What ``run`` would remove now, without writing: one read of every
+        document, the reference check, and the lengths of the files that
+        would go (one read per round's worth of files)."""
+        read = await self._read()
+        owners = read.file_owners(self._model_ids)
+        kept = await self._referenced_elsewhere(list(owners))
+        lengths, existing = collections.Counter(), set()
+        for batch in in_batches([file_id for file_id in owners if file_id not in kept], self._round_size):
+            files = self._db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1},
+                                              collation=EXACT)
+            async for file in files:
+                lengths[referenced_file_id(file["_id"])] += int(file.get("length") or 0)
+                existing.add(referenced_file_id(file["_id"]))
+        for model_id in self._model_ids:
+            images = self.found[model_id]
+            own = {file_id for file_id in existing if owners[file_id] == model_id}
+            images.found_images = images.deleted_images = len(read.metadata_ids[model_id])
+            images.deleted_files = len(own)
+            images.kept_files = len(read.file_ids[model_id] & kept)
+            images.file_bytes = sum(lengths[file_id] for file_id in own)
+
+    async def _read(self, limit: int = 0) -> ImagesRead:
+        """The models' ``images`` documents, up to ``limit`` (0: all), in one ``find``."""
+        read = ImagesRead()
+        cursor = self._db.images.find(images_of(self._forms), {"model_id": 1, "image_id": 1}, limit=limit,
+                                      batch_size=limit or READ_BATCH_SIZE, collation=EXACT)
+        async for document in cursor:
+            read.add(self._forms_to_models[document["model_id"]], document)
+        return read
+
+    async def _referenced_elsewhere(self, file_ids: list) -> set:
+        """Those of ``file_ids`` that an ``images`` document of another model
+        references, in any spelling: one ``aggregate`` by the ``image_id``
+        index per round's worth of files, answering each spelling once,
+        however many images share a file (a placeholder may be shared by
+        millions)."""
+        referenced = set()
+        for batch in in_batches(file_ids, self._round_size):
+            pipeline = [{"$match": {"$and": [references_filter(batch), images_of_other_models(self._forms)]}},
+                        {"$group": {"_id": "$image_id"}}]
+            async for spelling in await self._db.images.aggregate(pipeline, collation=EXACT):
+                referenced.add(referenced_file_id(spelling["_id"]))
+        return referenced & set(file_ids)
+
+    def _count_read(self, read, model_ids, owners, kept):
+        """Adds to each model's account what a round's read found of it."""
+        for model_id in model_ids:
+            images = self.found[model_id]
+            images.found_images += len(read.metadata_ids[model_id])
+            images.invalid_references += read.invalid_references[model_id]
+            images.kept_files += len(read.file_ids[model_id] & kept)
+            # A file named by two models of the batch is counted with one of them.
+            counted_with = [self._deleted_earlier.get(file_id, owners[file_id])
+                            for file_id in read.file_ids[model_id] - kept]
+            images.files_counted_earlier += sum(1 for counted in counted_with if counted != model_id)
+
+    async def _delete_files(self, file_ids, owners, model_ids):
+        """Deletes these files and their chunks, each counted with its owner."""
+        if not file_ids:
+            return
+        self._deleted_earlier.update((file_id, owners[file_id]) for file_id in file_ids)
+        stored_ids = stored_file_ids(file_ids)
+        removed = (await self._db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
+        wanted = [sum(1 for file_id in file_ids if owners[file_id] == model_id) for model_id in model_ids]
+        shortfalls = credit(self.found, model_ids, wanted, removed, "deleted_files")
+        for model_id, missing in zip(model_ids, shortfalls, strict=True):
+            self.found[model_id].missing_files += max(missing, 0)
+        await self._db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
 
 
-async def files_referenced_elsewhere(db, file_ids, forms):
-    """Those of ``file_ids`` that an ``images`` document of another model
-    references, in any spelling: one ``aggregate`` by the ``image_id`` index
-    per ROUND_SIZE files, answering each spelling once, however many images
-    share a file (a placeholder image may be shared by millions)."""
-    referenced = set()
-    for batch in in_batches(file_ids, ROUND_SIZE):
-        pipeline = [{"$match": {"$and": [references_filter(batch), images_of_other_models(forms)]}},
-                    {"$group": {"_id": "$image_id"}}]
-        async for spelling in await db.images.aggregate(pipeline, collation=EXACT):
-            referenced.add(referenced_file_id(spelling["_id"]))
-    return referenced & set(file_ids)
-
-
-async def remove_round(db, read, forms, found, deleted_earlier):
-    """Deletes what one read found: the files no other model references,
-    their chunks, then the documents read. Adds to ``found`` what MongoDB
-    reports removed, command by command, so a failure midway still counts
-    what went before it. ``deleted_earlier`` maps the files the call's
-    earlier rounds deleted to the model counted for each; this round's are
-    added."""
-    model_ids = [model_id for model_id in found if read.metadata_ids[model_id]]
-    owners = read.file_owners(model_ids)
-    candidates = [file_id for file_id in owners if file_id not in deleted_earlier]
-    kept = await files_referenced_elsewhere(db, candidates, forms) if candidates else set()
-    doomed = [file_id for file_id in candidates if file_id not in kept]
-    for model_id in model_ids:
-        images = found[model_id]
-        images.found_images += len(read.metadata_ids[model_id])
-        images.invalid_references += read.invalid_references[model_id]
-        images.kept_files += len(read.file_ids[model_id] & kept)
-        # A file named by two models of the batch is counted with one of them.
-        counted_with = [deleted_earlier.get(file_id, owners[file_id])
-                        for file_id in read.file_ids[model_id] - kept]
-        images.files_counted_earlier += sum(1 for counted in counted_with if counted != model_id)
-    deleted_earlier.update((file_id, owners[file_id]) for file_id in doomed)
-    if doomed:
-        stored_ids = stored_file_ids(doomed)
-        removed = (await db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
-        wanted = [sum(1 for file_id in doomed if owners[file_id] == model_id) for model_id in model_ids]
-        for model_id, missing in zip(model_ids, credit(found, model_ids, wanted, removed, "deleted_files"),
-                                     strict=True):
-            found[model_id].missing_files += max(missing, 0)
-        await db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
-    metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
-    removed = (await db.images.delete_many({"_id": {"$in": metadata_ids}})).deleted_count
-    credit(found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
-           "deleted_images")
-
-
-@dataclasses.dataclass
-class Rounds:
-    """What a deletion's rounds carry from one to the next."""
-
-    deleted_earlier: dict = dataclasses.field(default_factory=dict)  # file id -> the model counted for it
-    slowest: float = 0.0
-    last_was_full: bool = False
-    on_full_round: object = None  # called after each full round
-
-    def carried_on(self):
-        """The rounds of a deletion going on from this one with some of its
-        models: what was deleted and the slowest round carry over, and it
-        reads at least once."""
-        return dataclasses.replace(self, deleted_earlier=dict(self.deleted_earlier), last_was_full=False)
-
-
-async def delete_images_of_models(db, model_ids, found, deadline, rounds=None, stop_when_full=False,
-                                  deleted_alongside=()):
-    """Removes every image of the models, round by round, adding to
-    ``found`` what each round removed. Returns True once a read finds none
-    left, False when too little of the budget (``deadline``, on
-    ``time.monotonic()``) remains for another full round: twice the slowest
-    so far; with ``stop_when_full``, False after the first full round.
-    ``rounds`` carries on from an earlier deletion of the same models; the
-    images of ``deleted_alongside`` (models being deleted at the same time)
-    keep no file."""
-    forms_to_models = forms_to_models_of(model_ids)
-    forms = list(forms_to_models_of([*model_ids, *deleted_alongside]))
-    rounds = rounds or Rounds()
-    while not (rounds.last_was_full and deadline - time.monotonic() < 2 * rounds.slowest):
-        started = time.monotonic()
-        read = await read_images(db, forms_to_models, limit=ROUND_SIZE)
-        if not read.metadata_ids:
-            return True
-        await remove_round(db, read, forms, found, rounds.deleted_earlier)
-        rounds.slowest = max(rounds.slowest, time.monotonic() - started)
-        rounds.last_was_full = sum(map(len, read.metadata_ids.values())) == ROUND_SIZE
-        if rounds.last_was_full and rounds.on_full_round:
-            rounds.on_full_round()
-        if rounds.last_was_full and stop_when_full:
-            return False
-    return False
-
-
-async def delete_images_of_calls(db, calls, found, deadline, on_full_round=None, on_ended=None):
-    """Removes the models of several calls together: the same rounds, one
-    set of commands for all of them (their models are distinct). A full
-    round may hold one model's images only, which every other call would
-    wait behind: from there each call goes on alone, ALONE_AT_ONCE at a time
-    (the others' images keep no file: they are going too). A call goes on
-    only with at least a round's time left; otherwise its time ran out.
-    Returns each call's ending: whether none of its images is left, and its
-    failure (None, or the reply's outcome and message). ``on_full_round``
-    is called after every full round; ``on_ended(call, ending)`` as each
-    call going on alone ends, so it can be answered then."""
-    rounds = Rounds(on_full_round=on_full_round)
-    together = [model_id for call in calls for model_id in call.valid]
-    if await delete_images_of_models(db, together, found, deadline, rounds, stop_when_full=len(calls) > 1):
-        return [(True, None)] * len(calls)
-    if len(calls) == 1:
-        return [(False, None)]
-    turns_alone = asyncio.Semaphore(ALONE_AT_ONCE)
-
-    async def go_on_alone(call):
-        async with turns_alone:
-            try:
-                finished = deadline - time.monotonic() >= rounds.slowest and await delete_images_of_models(
-                    db, call.valid, found, deadline, rounds.carried_on(), deleted_alongside=together)
-                ending = (finished, None)
-            except Exception as error:  # Reported to this call; the others go on.
-                ending = (True, failure_reported(error, [call]))
-        if on_ended:
-            on_ended(call, ending)
-        return ending
-
-    return await asyncio.gather(*(go_on_alone(call) for call in calls))
-
-
-async def preview_images_of_models(db, model_ids, found):
-    """What delete_images_of_models would remove now, without writing: one
-    read of every document, the reference check, and the lengths of the
-    files that would go (one read per ROUND_SIZE files)."""
-    forms_to_models = forms_to_models_of(model_ids)
-    read = await read_images(db, forms_to_models)
-    owners = read.file_owners(model_ids)
-    kept = await files_referenced_elsewhere(db, list(owners), list(forms_to_models)) if owners else set()
-    lengths = collections.Counter()
-    existing = set()
-    for batch in in_batches([file_id for file_id in owners if file_id not in kept], ROUND_SIZE):
-        files = db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}, collation=EXACT)
-        async for file in files:
-            lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
-            existing.add(gridfs_file_key(file["_id"]))
-    for model_id in model_ids:
-        images = found[model_id]
-        own = {file_id for file_id in existing if owners[file_id] == model_id}
-        images.found_images = images.deleted_images = len(read.metadata_ids[model_id])
-        images.deleted_files = len(own)
-        images.kept_files = len(read.file_ids[model_id] & kept)
-        images.file_bytes = sum(lengths[file_id] for file_id in own)
-
-
-def failure_reported(error, calls):
-    """Logs a database failure of ``calls`` and returns what their replies
-    say of it: the outcome and a message safe for callers."""
-    named = [call.request_id for call in calls[:LOGGED_REQUEST_IDS]]
-    more = len(calls) - len(named)
-    request_ids = ",".join(named) + (f",...({more} more)" if more else "")
-    log.warning("delete of %d model(s) failed request_id=%s: %s: %s", sum(len(call.valid) for call in calls),
-                request_ids, type(error).__name__, describe_failure(error))
-    log.debug("request_id=%s the driver said: %s", request_ids, error)
-    return classify_failure(error)
-
-
-async def delete_and_describe_calls(db, calls, deadline, dry_run=False, on_full_round=None, on_answered=None):
-    """Each call's replies. Invalid ids are answered without touching
-    anything; the valid ones (distinct between calls) are deleted together
-    (in a dry run, previewed) before ``deadline`` (on ``time.monotonic()``);
-    a database failure is reported on each, with what was removed before it.
-    ``on_answered(call, replies)`` is called as soon as a call's replies are
-    final, which may be before the others'."""
-    valid = [model_id for call in calls for model_id in call.valid]
-    found = {model_id: ModelImages() for model_id in valid}
-    answered = {}
-
-    def answer(call, ending):
-        answered[call] = call.replies(found, dry_run, *ending)
-        if on_answered:
-            on_answered(call, answered[call])
-
-    endings = [(True, None)] * len(calls)
+async def delete_and_describe(db, requested: RequestedModels, deadline: float, dry_run: bool = False,
+                              round_size: int = ROUND_SIZE) -> list[pb2.DeleteImageResponse]:
+    """One reply per id the call names, in order. Invalid ids are answered
+    without touching anything; the valid ones are deleted together (in a dry
+    run, previewed) before ``deadline`` (on ``time.monotonic()``), each once
+    however often it is named; a database failure is reported on each, with
+    what was removed before it."""
+    deletion = Deletion(db, requested.valid, deadline, round_size)
+    ending = Ending(finished=True)
     try:
         timeout_s = deadline - time.monotonic()
-        if valid and timeout_s <= 0:
+        if requested.valid and timeout_s <= 0:
             raise pymongo.errors.ExecutionTimeout("the call's deadline passed before the database was asked")
         with pymongo.timeout(timeout_s):
-            if valid and dry_run:
-                await preview_images_of_models(db, valid, found)
-            elif valid:
-                endings = await delete_images_of_calls(db, calls, found, deadline, on_full_round, answer)
-    except Exception as error:  # Reported to the callers; the server goes on.
-        endings = [(True, failure_reported(error, calls))] * len(calls)
-    for call, ending in zip(calls, endings, strict=True):
-        if call not in answered:
-            answer(call, ending)
-    return [answered[call] for call in calls]
-
-
-async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id="-"):
-    """One call's replies, one per id it names, in order; each model is
-    deleted once however often it is named (see delete_and_describe_calls)."""
-    (replies,) = await delete_and_describe_calls(db, [Call(model_ids, request_id)], deadline, dry_run)
-    return replies
+            if requested.valid and dry_run:
+                await deletion.preview()
+            elif requested.valid:
+                ending = Ending(finished=await deletion.run())
+    except Exception as error:  # Reported to the caller; the server goes on.
+        log.warning("delete of %d model(s) failed request_id=%s: %s: %s", len(requested.valid),
+                    requested.request_id, type(error).__name__, describe_failure(error))
+        log.debug("request_id=%s the driver said: %s", requested.request_id, error)
+        ending = Ending(finished=False, failure=classify_failure(error))
+    return requested.replies(deletion.found, dry_run, ending)
 
 
 # ---------------------------------------------------------------------------
@@ -406,48 +336,43 @@ async def delete_and_describe(db, model_ids, deadline, dry_run=False, request_id
 class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
     """The ImageService methods of image_service.proto. The deletion runs on
     the event loop with pymongo's asyncio client: while it waits on MongoDB
-    the loop serves other calls, health checks and reflection.
+    the loop serves other calls, health checks and reflection. At most
+    ``max_deletions`` (MAX_CONCURRENT_DELETIONS) calls' deletions talk to
+    MongoDB at once; the others wait their turn, their budget running."""
 
-    Calls take turns (image_service_turns.py): under load, the calls that
-    wait for a turn are deleted together, up to MAX_BATCH_SIZE models, each
-    answered for its own; at most GRPC_MAX_WORKERS turns talk to MongoDB
-    at once."""
-
-    def __init__(self, db, mongo_timeout_s, max_deletions, metrics):
+    def __init__(self, db, mongo_timeout_s: float, max_deletions: int, metrics: Metrics,
+                 round_size: int = ROUND_SIZE):
         self._db = db
         self._mongo_timeout_s = mongo_timeout_s
+        self._deletions_at_once = asyncio.Semaphore(max_deletions)
         self._metrics = metrics
-        self._turns = Turns(self._take_turn, max_deletions, MAX_BATCH_SIZE)
-        self.unfinished = self._turns.unfinished  # for the drain
+        self._round_size = round_size
+        self.unfinished = set()  # deletions still running, their callers gone or not
 
-    async def _delete(self, model_ids, dry_run, context):
-        # The budget runs from now: time spent waiting for a turn counts
-        # against it, as it does against the caller's deadline.
+    async def _delete(self, model_ids: list[str], dry_run: bool, context) -> list[pb2.DeleteImageResponse]:
+        # The budget runs from now: time spent waiting for the database
+        # counts against it, as it does against the caller's deadline.
         remaining = context.time_remaining()
         budget = self._mongo_timeout_s
         if remaining is not None:
             # Stop short of the caller's deadline, so the reply saying what
             # was removed still reaches it.
             budget = min(budget, remaining - max(REPLY_MARGIN_S, remaining / 10))
-        replies = asyncio.get_running_loop().create_future()
-        call = Call(model_ids, CURRENT_CALL.get().request_id)
-        self._turns.wait_for_turn(WaitingCall(call, time.monotonic() + budget, dry_run, replies))
+        requested = RequestedModels(model_ids, CURRENT_CALL.get().request_id)
+        deadline = time.monotonic() + budget
+        deletion = asyncio.ensure_future(self._delete_and_count(requested, deadline, dry_run))
+        self.unfinished.add(deletion)
+        deletion.add_done_callback(self.unfinished.discard)
         # A caller that hangs up does not stop the deletion: it ends within
         # its budget, whole rounds and all, and is counted.
-        return await asyncio.shield(replies)
+        return await asyncio.shield(deletion)
 
-    async def _take_turn(self, group, deadline, stop_gathering):
-        waiting_for = {waiting.call: waiting for waiting in group}
-
-        def answered(call, replies):
-            waiting = waiting_for[call]
-            if not waiting.dry_run:
-                self._metrics.count(replies)
-            if not waiting.replies.done():
-                waiting.replies.set_result(replies)
-
-        await delete_and_describe_calls(self._db, list(waiting_for), deadline, group[0].dry_run,
-                                        stop_gathering, answered)
+    async def _delete_and_count(self, requested, deadline, dry_run):
+        async with self._deletions_at_once:
+            replies = await delete_and_describe(self._db, requested, deadline, dry_run, self._round_size)
+        if not dry_run:
+            self._metrics.count(replies)
+        return replies
 
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)
@@ -545,7 +470,8 @@ async def start_server(config, db, servicer=None, metrics=None):
     interceptors.append(admission)
     # A second instance on the same port must fail, not share it.
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    servicer = servicer or ImageServiceServicer(db, config.mongo_timeout_s, config.max_workers, metrics)
+    servicer = servicer or ImageServiceServicer(db, config.mongo_timeout_s, config.max_concurrent_deletions,
+                                                metrics)
     pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -569,29 +495,6 @@ async def start_server(config, db, servicer=None, metrics=None):
         endpoint = start_metrics_endpoint(config.metrics_host, config.metrics_port, metrics.registry)
     deletions = getattr(servicer, "unfinished", set())
     return RunningServer(server, port, health_servicer, monitor, admission, deletions, endpoint)
-
-
-class BackgroundServer:
-    """The server on an event loop of its own, in a thread: for embedding
-    it in synchronous code (the tests, the benchmark, the load run)."""
-
-    def __init__(self, config, db, servicer=None, metrics=None):
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
-        self._thread.start()
-        self.running = self.run(start_server(config, db, servicer, metrics))
-        self.port = self.running.port
-
-    def run(self, coroutine, timeout_s=None):
-        """Runs a coroutine on the server's loop and returns its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)
-
-    def stop(self, grace_s=0.0, delay_s=0.0):
-        """Drains as the process does at SIGTERM, then ends the loop; again: nothing."""
-        if self._loop.is_running():
-            self.run(self.running.stop(grace_s, delay_s))
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
 
 
 async def serve(config, db, database_description, metrics):

@@ -36,7 +36,7 @@ class Config:
     mongo_timeout_s: float = 5.0
     grpc_host: str = "0.0.0.0"
     grpc_port: int = 5014
-    max_workers: int = 10
+    max_concurrent_deletions: int = 10
     max_concurrent_rpcs: int = 100
     reflection: bool = True
     tls_cert: bytes | None = None
@@ -258,7 +258,9 @@ def load_config(env):
         mongo_timeout_s=_number(env, "MONGO_TIMEOUT_MS", Config.mongo_timeout_s * 1000, 1, 600_000) / 1000,
         grpc_host=_text(env, "GRPC_HOST", Config.grpc_host),
         grpc_port=_number(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
-        max_workers=_number(env, "GRPC_MAX_WORKERS", Config.max_workers, 1, 1000),
+        # GRPC_MAX_WORKERS is the setting's old name, still read.
+        max_concurrent_deletions=_number(env, "MAX_CONCURRENT_DELETIONS", _number(
+            env, "GRPC_MAX_WORKERS", Config.max_concurrent_deletions, 1, 1000), 1, 1000),
         max_concurrent_rpcs=_number(env, "GRPC_MAX_CONCURRENT_RPCS", Config.max_concurrent_rpcs, 1, 100_000),
         reflection=_boolean(env, "GRPC_REFLECTION", Config.reflection),
         tls_cert=cert,

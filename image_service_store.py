@@ -27,44 +27,43 @@ log = logging.getLogger("image_service.store")
 WHITESPACE = " \t\n\r\x0b\x0c"
 
 
-def referenced_file_id(image_id, any_case=False):
-    """The GridFS file an ``images`` document points at, as an ObjectId, or
-    None if its ``image_id`` names none.
+def referenced_file_id(value):
+    """The GridFS file a value names, as the key that identifies it, or None
+    if it names none: the one rule for an ``images`` document's
+    ``image_id`` and an ``fs.files`` ``_id``, used by the delete, the dry
+    run and the sweep alike.
 
-    The upload service writes the lower-case hex string, other writers the
-    ObjectId itself; the hex in upper case, and either with surrounding
-    whitespace, name the same file. For the delete and the dry run, mixed
-    case does not: every spelling they accept is one that references_filter
-    finds by index. The sweep, which removes for good what nothing
-    references, passes ``any_case`` and so keeps a file referenced even in
-    mixed case.
+    An ObjectId names itself, and so does its 24-digit hex spelling in lower
+    or in upper case, with or without surrounding ASCII whitespace: the
+    upload service writes the lower-case string, other writers the ObjectId,
+    and GridFS allows either as ``_id``. Any other string (mixed-case hex
+    among them) or integer names the file whose ``_id`` is exactly that
+    value: every such spelling is one that references_filter finds by index.
+    Anything else (no value, an array, a document) names no file.
     """
-    if isinstance(image_id, ObjectId):
-        return image_id
-    if isinstance(image_id, str):
-        hex_id = image_id.strip(WHITESPACE)
-        if ObjectId.is_valid(hex_id) and (any_case or hex_id in (hex_id.lower(), hex_id.upper())):
+    if isinstance(value, ObjectId):
+        return value
+    if isinstance(value, str):
+        hex_id = value.strip(WHITESPACE)
+        if ObjectId.is_valid(hex_id) and hex_id in (hex_id.lower(), hex_id.upper()):
             return ObjectId(hex_id)
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
     return None
 
 
-def gridfs_file_key(stored_id):
-    """The file id an ``fs.files`` ``_id`` stands for: GridFS allows any
-    ``_id``, and some writers store the hex string (in either case). Any
-    other ``_id`` stands for itself."""
-    is_hex = isinstance(stored_id, str) and ObjectId.is_valid(stored_id)
-    if is_hex and stored_id in (stored_id.lower(), stored_id.upper()):
-        return ObjectId(stored_id)
-    return stored_id
-
-
 def stored_file_ids(file_ids):
-    """The ``_id`` values the GridFS files of these ids may have: the
-    ObjectId, and the hex string in either case."""
+    """The ``_id`` values the GridFS files of these keys may have: for an
+    ObjectId, itself and its hex string in either case; for any other key,
+    the key itself."""
     forms = []
     for file_id in file_ids:
-        hex_id = file_id.binary.hex()  # str(file_id), at a fraction of the cost
-        forms += [file_id, hex_id, hex_id.upper()]
+        if isinstance(file_id, ObjectId):
+            hex_id = file_id.binary.hex()  # str(file_id), at a fraction of the cost
+            forms += [file_id, hex_id, hex_id.upper()]
+        else:
+            forms.append(file_id)
     return forms
 
 
@@ -75,20 +74,18 @@ _LEADING_WHITESPACE = [Regex("^" + character) for character in WHITESPACE]
 
 def references_filter(file_ids):
     """The filter for every ``images`` document that references one of these
-    files in a spelling referenced_file_id accepts (and a few more, which
-    the caller parses), all by the ``image_id`` index: the ObjectId and the
-    hex in either case; the hex followed by whitespace (a pattern with a
-    literal prefix: an index range); any string that starts with whitespace.
-    Exact values and patterns go in two branches, so a document that matches
-    exactly is never tried against the patterns."""
-    exact, patterns = [], list(_LEADING_WHITESPACE)
+    files (keys of referenced_file_id) in a spelling that rule accepts (and a
+    few more, which the caller parses), all by the ``image_id`` index: each
+    key's stored forms; the hex of an ObjectId followed by whitespace (a
+    pattern with a literal prefix: an index range); any string that starts
+    with whitespace. Exact values and patterns go in two branches, so a
+    document that matches exactly is never tried against the patterns."""
+    exact, patterns = stored_file_ids(file_ids), list(_LEADING_WHITESPACE)
     for file_id in file_ids:
-        exact.append(file_id)
-        lower = file_id.binary.hex()
-        for hex_id in (lower, lower.upper()):
-            exact.append(hex_id)
+        if isinstance(file_id, ObjectId):
+            lower = file_id.binary.hex()
             # Not re.compile: a pattern only MongoDB runs need not be compiled here.
-            patterns.append(Regex(f"^{hex_id}\\s"))
+            patterns += [Regex(f"^{lower}\\s"), Regex(f"^{lower.upper()}\\s")]
     return {"$or": [{"image_id": {"$in": exact}}, {"image_id": {"$in": patterns}}]}
 
 
@@ -157,10 +154,15 @@ async def warn_about_missing_indexes(db):
 
 
 def create_indexes(db):
-    """Creates the INDEXES; MongoDB leaves an existing one as it is."""
-    for index in INDEXES:
+    """Creates the INDEXES that no index in the database serves yet, and
+    returns them. An index that serves under another name counts as
+    present, as the start-up check decides: asking MongoDB to create it
+    again would fail ("index already exists with a different name")."""
+    missing = missing_indexes(db)
+    for index in missing:
         options = {"unique": True} if index.unique else {}
         db[index.collection].create_index(list(index.keys), **options)
+    return missing
 
 
 def describe_indexes():

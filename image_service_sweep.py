@@ -3,8 +3,9 @@
 This module owns ``--sweep-orphans`` of ``image_service_server.py``: a
 report of chunks without a file, files no ``images`` document references and
 ``images`` documents whose file is gone, and, with ``--apply`` (and
-``--apply-files``), their removal in batches. It reads ``image_id`` with the
-same function as the deletion (``image_service_store.referenced_file_id``).
+``--apply-files``), their removal in batches. Which file an ``image_id``
+names, and which file an ``fs.files`` ``_id`` is, it decides by the
+deletion's own rule (``image_service_store.referenced_file_id``).
 """
 
 import dataclasses
@@ -13,7 +14,7 @@ import sys
 
 from bson import ObjectId
 
-from image_service_store import gridfs_file_key, in_batches, referenced_file_id, references_filter
+from image_service_store import in_batches, referenced_file_id, references_filter
 
 
 @dataclasses.dataclass
@@ -34,15 +35,15 @@ def find_orphans(db, min_age_s, now=None):
     cutoff = now - datetime.timedelta(seconds=min_age_s)
     references = {}
     for document in db.images.find({}, {"image_id": 1}):
-        references[document["_id"]] = referenced_file_id(document.get("image_id"), any_case=True)
+        references[document["_id"]] = referenced_file_id(document.get("image_id"))
     files = {f["_id"]: f.get("uploadDate") for f in db["fs.files"].find({}, {"uploadDate": 1})}
-    # A file whose _id is the hex string is the file its references name.
-    file_keys = {gridfs_file_key(file_id) for file_id in files}
-    referenced = set(references.values())
+    file_keys = {referenced_file_id(file_id) for file_id in files}
+    referenced = set(references.values()) - {None}
     unreferenced = [file_id for file_id, uploaded in files.items()
-                    if gridfs_file_key(file_id) not in referenced and uploaded is not None
+                    if referenced_file_id(file_id) not in referenced and uploaded is not None
                     and _utc(uploaded) < cutoff]
-    dangling = [doc_id for doc_id, file_id in references.items() if file_id not in file_keys]
+    dangling = [doc_id for doc_id, file_id in references.items()
+                if file_id is None or file_id not in file_keys]
     chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id", "newest": {"$max": "$_id"}}}])
     orphan_chunks = [group["_id"] for group in chunk_groups if group["_id"] not in files
                      and isinstance(group["newest"], ObjectId) and group["newest"].generation_time < cutoff]
@@ -55,13 +56,12 @@ def _utc(moment):
 
 def references_to(db, file_ids):
     """Which of these files (``fs.files`` ids) an ``images`` document
-    references now, in any spelling referenced_file_id accepts, found by the
-    ``image_id`` index as the delete finds them."""
-    keys = {file_id: gridfs_file_key(file_id) for file_id in file_ids}
-    named = [key for key in set(keys.values()) if isinstance(key, ObjectId)]
+    references now, found by the ``image_id`` index as the delete finds them."""
+    keys = {file_id: referenced_file_id(file_id) for file_id in file_ids}
+    named = [key for key in set(keys.values()) if key is not None]
     documents = db.images.find(references_filter(named), {"image_id": 1})
-    referenced = {referenced_file_id(document.get("image_id"), any_case=True) for document in documents}
-    return {file_id for file_id, key in keys.items() if key in referenced}
+    referenced = {referenced_file_id(document.get("image_id")) for document in documents}
+    return {file_id for file_id, key in keys.items() if key is not None and key in referenced}
 
 
 def sweep_orphans(db, report, apply_files, batch_size):

@@ -27,6 +27,7 @@ import mongomock
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
+from image_service_background import BackgroundServer
 from image_service_settings import load_config
 from image_service_store import InMemoryDatabase, create_indexes, store_image
 
@@ -111,7 +112,7 @@ def start_in_memory(models, images, max_concurrent_rpcs):
                                  max_concurrent_rpcs=max_concurrent_rpcs)
     # Half the calls go to models that never had images.
     unknown = [f"unknown-{i}" for i in range(models)]
-    return server.BackgroundServer(config, InMemoryDatabase(db)), model_ids + unknown
+    return BackgroundServer(server.start_server(config, InMemoryDatabase(db))), model_ids + unknown
 
 
 def print_report(report, out=sys.stdout):

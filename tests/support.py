@@ -27,6 +27,9 @@ import image_service_server as server
 import image_service_settings as service_settings
 import image_service_store as store
 import image_service_sweep as orphan_sweep
+from image_service_background import BackgroundServer
+from image_service_observability import Metrics
+from image_service_replies import RequestedModels
 from mongo_standins import closed_port
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the checkout
@@ -103,15 +106,24 @@ def served_database(db):
 
 def delete_directly(db, model_ids, seconds=5, **options):
     """The deletion itself, without the server, on its own event loop."""
-    return asyncio.run(server.delete_and_describe(served_database(db), model_ids, time.monotonic() + seconds,
-                                                  **options))
+    return delete_before(db, model_ids, time.monotonic() + seconds, **options)
+
+
+def delete_before(db, model_ids, deadline, **options):
+    """The deletion itself, before ``deadline`` on the deletion's clock."""
+    requested = RequestedModels(model_ids)
+    return asyncio.run(server.delete_and_describe(served_database(db), requested, deadline, **options))
 
 
 @contextlib.contextmanager
-def serving(db, metrics=None, **settings_):
-    """The service on an ephemeral port, and a stub for it."""
+def serving(db, metrics=None, round_size=server.ROUND_SIZE, **settings_):
+    """The service on an ephemeral port, deleting in rounds of ``round_size``, and a stub for it."""
     db = served_database(db)
-    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics)
+    config = dataclasses.replace(TEST_CONFIG, **settings_)
+    metrics = metrics or Metrics()
+    servicer = server.ImageServiceServicer(db, config.mongo_timeout_s, config.max_concurrent_deletions,
+                                           metrics, round_size)
+    running = BackgroundServer(server.start_server(config, db, servicer, metrics))
     # The first ping (and index check) have passed before the test goes on.
     running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
     try:

@@ -2,7 +2,6 @@
 order and how many commands, under failures, faults and arbitrary input;
 batches, dry runs and request ids."""
 
-import asyncio
 import collections
 import datetime
 import filecmp
@@ -37,11 +36,11 @@ from support import (
     assert_store_consistent,
     delete,
     delete_batch,
+    delete_before,
     delete_directly,
     everything,
     images_of,
     model_data,
-    served_database,
     serving,
     serving_on,
     store_under_hex_string_id,
@@ -178,8 +177,8 @@ def test_metadata_pointing_at_a_file_already_gone_is_removed_and_reported(databa
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
-@pytest.mark.parametrize("image_id", ["not-an-id", "", None, 42])
-def test_metadata_with_an_invalid_image_id_is_removed_and_reported(database, stub, image_id):
+@pytest.mark.parametrize("image_id", [None, ["not", "one"], {"id": 1}, True])
+def test_metadata_whose_image_id_names_no_file_is_removed_and_reported(database, stub, image_id):
     database.images.insert_one({"name": "chair.jpg", "image_id": image_id, "model_id": "chair"})
 
     reply = delete(stub, "chair")
@@ -187,6 +186,60 @@ def test_metadata_with_an_invalid_image_id_is_removed_and_reported(database, stu
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
     assert "1 reference had no valid file id" in reply.message
     assert images_of(database, "chair") == []
+
+
+def store_under_exactly(db, model_id, file_id):
+    """An image whose GridFS file has ``file_id`` as its ``_id``, exactly as
+    its ``images`` document names it: GridFS allows any ``_id``."""
+    uploaded = datetime.datetime.now(datetime.timezone.utc)
+    db["fs.files"].insert_one({"_id": file_id, "filename": f"{model_id}.jpg", "length": 4,
+                               "chunkSize": 261120, "uploadDate": uploaded})
+    db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"jpeg"})
+    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id, "model_id": model_id})
+
+
+# Ids that are not an ObjectId's spelling name the file whose _id is exactly that value.
+EXACT_FILE_IDS = {"mixed-case hex": "5F1b2c3d4e5f60718293a4b5", "a name": "chair-front.jpg",
+                  "an empty string": "", "an integer": 42}
+
+
+@pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())
+def test_a_file_stored_under_exactly_its_image_id_is_deleted_with_its_chunks(database, stub, file_id):
+    store_under_exactly(database, "chair", file_id)
+    upload(database, "table")
+    table = model_data(database, "table")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 1)
+    assert reply.message == "deleted 1 image and 1 file"
+    assert model_data(database, "table") == table
+    assert database["fs.files"].count_documents({"_id": file_id}) == 0
+    assert database["fs.chunks"].count_documents({"files_id": file_id}) == 0
+
+
+@pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())
+def test_a_file_stored_under_exactly_its_image_id_is_kept_while_another_model_names_it(database, stub,
+                                                                                       file_id):
+    store_under_exactly(database, "chair", file_id)
+    database.images.insert_one({"name": "copy.jpg", "image_id": file_id, "model_id": "table"})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "kept 1 file still referenced by another model" in reply.message
+    assert database["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+@pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())
+def test_an_image_id_naming_no_stored_file_exactly_is_a_reference_to_a_file_already_gone(database, stub,
+                                                                                        file_id):
+    database.images.insert_one({"name": "chair.jpg", "image_id": file_id, "model_id": "chair"})
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert "1 reference to a file already gone" in reply.message
 
 
 def test_a_model_without_images_succeeds_with_nothing_to_delete(database, stub):
@@ -364,8 +417,9 @@ def test_concurrent_deletes_of_one_model_count_each_image_once(wire):
     (second,) = second
     assert first.deleted_images + second.deleted_images == 5
     assert first.deleted_files + second.deleted_files == 5
-    assert (first.success, first.outcome) == (True, pb2.OUTCOME_NOTHING_TO_DELETE)
-    assert "a concurrent delete removed its 5 images first" in first.message
+    # The first call read the model's images: it was not "nothing to delete".
+    assert (first.success, first.outcome, first.deleted_images) == (True, pb2.OUTCOME_DELETED, 0)
+    assert "5 removed by a concurrent delete first" in first.message
     assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -787,11 +841,10 @@ def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gon
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
-def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire, monkeypatch):
-    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire):
     for _ in range(5):
         upload(wire.db, "chair")
-    with serving_on(wire.async_client()) as (stub_, _, _):
+    with serving_on(wire.async_client(), round_size=2) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 5, 5)
     assert wire.names() == [*ONE_ROUND, *ONE_ROUND, *ONE_ROUND, "find"]  # 2 + 2 + 1, and none left
@@ -800,14 +853,13 @@ def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire, monkeypatc
 
 
 def test_a_call_whose_time_runs_out_between_rounds_says_how_much_it_removed_and_the_next_finishes(
-        wire, monkeypatch):
-    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+        wire):
     for _ in range(5):
         upload(wire.db, "chair")
     slow = threading.Event()
     # The first round takes most of a 1 s budget: no time for a second.
     wire.faults[1] = lambda: slow.wait(0.6)
-    with serving_on(wire.async_client(), mongo_timeout_s=1.0) as (stub_, _, _):
+    with serving_on(wire.async_client(), mongo_timeout_s=1.0, round_size=2) as (stub_, _, _):
         first = delete(stub_, "chair")
         second = delete(stub_, "chair")
     assert (first.success, first.outcome, first.deleted_images, first.deleted_files) == (
@@ -858,12 +910,11 @@ def test_reads_go_to_the_primary_whatever_the_uris_read_preference():
     assert all(command.get("$readPreference", {"mode": "primary"})["mode"] == "primary" for command in reads)
 
 
-def test_a_file_named_again_in_a_later_round_is_never_called_gone(wire, monkeypatch):
-    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+def test_a_file_named_again_in_a_later_round_is_never_called_gone(wire):
     first = upload(wire.db, "chair")
     upload(wire.db, "chair")
     wire.db.images.insert_one({"name": "again.jpg", "image_id": str(first), "model_id": "chair"})
-    with serving_on(wire.async_client()) as (stub_, _, _):
+    with serving_on(wire.async_client(), round_size=2) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 3, 2)
     assert reply.message == "deleted 3 images and 2 files"
@@ -871,12 +922,11 @@ def test_a_file_named_again_in_a_later_round_is_never_called_gone(wire, monkeypa
 
 
 def test_a_file_shared_with_a_model_of_a_later_round_is_counted_with_the_first_and_never_called_gone(
-        wire, monkeypatch):
-    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+        wire):
     shared = upload(wire.db, "chair")
     upload(wire.db, "chair")
     wire.db.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
-    with serving_on(wire.async_client()) as (stub_, _, _):
+    with serving_on(wire.async_client(), round_size=2) as (stub_, _, _):
         chair, table = delete_batch(stub_, ["chair", "table"])
     assert (chair.deleted_images, chair.deleted_files) == (2, 2)
     assert (table.deleted_images, table.deleted_files) == (1, 0)
@@ -909,7 +959,8 @@ def test_a_file_shared_by_thousands_of_images_costs_the_reference_check_one_row(
     with serving_on(wire.async_client(event_listeners=[sizes])) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert (reply.deleted_images, reply.deleted_files) == (1, 0)
-    assert sizes.documents["aggregate"] == [1]
+    # The check, and the look once more at the file kept, after the image is gone.
+    assert sizes.documents["aggregate"] == [1, 1]
 
 
 def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire):
@@ -937,7 +988,7 @@ def mixed_case(hex_id):
 
 
 @pytest.mark.parametrize("spelling", ["mixed case", "a no-break space"])
-def test_an_image_id_spelled_as_the_reference_check_cannot_find_it_names_no_file(database, stub, spelling):
+def test_an_image_id_in_mixed_case_or_with_a_no_break_space_names_no_objectid_file(database, stub, spelling):
     file_id = upload(database, "chair")
     while sum(character.isalpha() for character in str(file_id)) < 2:  # too few letters to mix their case
         for collection in ("images", "fs.files", "fs.chunks"):
@@ -949,7 +1000,8 @@ def test_an_image_id_spelled_as_the_reference_check_cannot_find_it_names_no_file
     reply = delete(stub, "chair")
 
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
-    assert "1 reference had no valid file id" in reply.message
+    # It names the file stored under exactly that spelling, and there is none.
+    assert "1 reference to a file already gone" in reply.message
     assert database["fs.files"].count_documents({"_id": file_id}) == 1  # left for the sweep
 
 
@@ -961,11 +1013,6 @@ def test_a_model_named_twice_in_a_failed_batch_fails_on_both_mentions(wire):
     assert (first.success, first.outcome) == (False, pb2.OUTCOME_INTERNAL)
     assert (second.success, second.outcome) == (False, pb2.OUTCOME_INTERNAL)
     assert len(images_of(wire.db, "chair")) == 1
-
-
-def delete_before(db, model_ids, deadline):
-    """The deletion itself on a mongomock database, before ``deadline`` on the deletion's clock."""
-    return asyncio.run(server.delete_and_describe(served_database(db), model_ids, deadline=deadline))
 
 
 # pymongo.timeout(0) sets no limit at all: a budget of exactly 0 s must not reach it.
@@ -987,18 +1034,17 @@ def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches
 @pytest.fixture
 def one_second_rounds(monkeypatch):
     """A clock for the deletion that stands still but for one second per
-    round, and rounds of 2 images: the budget decisions, without timing."""
+    round: the budget decisions, without timing."""
     clock = types.SimpleNamespace(now=0.0)
     clock.monotonic = lambda: clock.now
-    remove_round = server.remove_round
+    remove_round = server.Deletion.remove_round
 
     async def round_of_one_second(*args):
         await remove_round(*args)
         clock.now += 1.0
 
     monkeypatch.setattr(server, "time", clock)
-    monkeypatch.setattr(server, "remove_round", round_of_one_second)
-    monkeypatch.setattr(server, "ROUND_SIZE", 2)
+    monkeypatch.setattr(server.Deletion, "remove_round", round_of_one_second)
     return clock
 
 
@@ -1008,7 +1054,7 @@ def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_sec
         upload(db, "chair", data=b"jpeg")
 
     # After the first round, 1.5 s remain: less than twice its 1 s.
-    (reply,) = delete_before(db, ["chair"], 2.5)
+    (reply,) = delete_before(db, ["chair"], 2.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 2)
     assert len(images_of(db, "chair")) == 3
@@ -1020,6 +1066,6 @@ def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_t
     upload(db, "chair", data=b"jpeg")
 
     # After the one round, 0.5 s remain, but that round found all there was.
-    (reply,) = delete_before(db, ["chair"], 1.5)
+    (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)

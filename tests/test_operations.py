@@ -402,7 +402,8 @@ def test_apply_files_keeps_a_file_under_its_hex_string_id_referenced_since_the_s
 def test_a_delete_whose_caller_has_gone_is_still_counted_when_its_work_ends(wire, service_log):
     upload(wire.db, "chair")
     wire.hang()
-    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=1, metrics_port=0,
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30,
+                    max_concurrent_deletions=1, metrics_port=0,
                     metrics_host="127.0.0.1") as (stub_, running, _):
         call = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"))
         assert wire.arrivals.acquire(timeout=10)  # the read is held at MongoDB

@@ -24,7 +24,6 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
 import image_service_settings as service_settings
-import image_service_turns as turns
 from mongo_standins import WireMongo, closed_port
 from support import (
     HERE,
@@ -234,7 +233,8 @@ def test_reflection_can_be_turned_off(database):
 
 def test_a_client_deadline_bounds_the_database_work(wire):
     upload(wire.db, "chair")
-    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30, max_workers=4) as (stub_, _, _):
+    with serving_on(wire.async_client(timeout_ms=30_000), mongo_timeout_s=30,
+                    max_concurrent_deletions=4) as (stub_, _, _):
         wire.hang()
         stuck = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="chair"), timeout=0.3)
                  for _ in range(30)]
@@ -266,12 +266,13 @@ def test_calls_past_the_concurrency_limit_are_shed_at_once(wire):
 
 def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full(wire):
     metrics = observability.Metrics()
-    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=3,
+    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30,
+                    max_concurrent_deletions=3,
                     max_concurrent_rpcs=3) as (stub_, _, channel):
         wire.hang()
         held = [stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=30)
                 for i in range(3)]
-        for _ in range(turns.GATHERING_TURNS):  # at the database; the third waits for a turn
+        for _ in range(3):  # all three at the database
             assert wire.arrivals.acquire(timeout=10)
         wait_until(lambda: metrics.registry.get_sample_value("image_service_calls_in_flight") == 3)
         with pytest.raises(grpc.RpcError) as shed:
@@ -291,7 +292,7 @@ def test_health_answers_at_once_while_mongodb_hangs_and_the_delete_bound_is_full
 
 def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(database):
     upload(database, "chair")
-    with serving(database, max_workers=2) as (stub_, _, channel):
+    with serving(database, max_concurrent_deletions=2) as (stub_, _, channel):
         reflection_stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         inboxes = [queue.Queue() for _ in range(20)]
@@ -308,7 +309,8 @@ def test_open_reflection_streams_hold_no_thread_and_do_not_delay_deletes(databas
 
 def test_a_call_past_its_deadline_is_logged_and_counted_as_deadline_exceeded(wire, service_log):
     metrics = observability.Metrics()
-    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30, max_workers=1) as (
+    with serving_on(wire.async_client(timeout_ms=30_000), metrics, mongo_timeout_s=30,
+                    max_concurrent_deletions=1) as (
             stub_, _, _):
         wire.hang()
         holding = stub_.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id="first"), timeout=30)

@@ -46,8 +46,8 @@ def test_defaults():
     config = service_settings.load_config({})
     assert (config.mongo_uri, config.mongo_db, config.mongo_timeout_s) == (
         "mongodb://localhost:27017/", "CatalogServiceDB", 5.0)
-    assert (config.grpc_host, config.grpc_port, config.max_workers, config.max_concurrent_rpcs) == (
-        "0.0.0.0", 5014, 10, 100)
+    assert (config.grpc_host, config.grpc_port) == ("0.0.0.0", 5014)
+    assert (config.max_concurrent_deletions, config.max_concurrent_rpcs) == (10, 100)
     assert (config.reflection, config.auth_tokens, config.shutdown_grace_s, config.log_format) == (
         True, (), 10.0, "text")
 
@@ -59,7 +59,8 @@ def test_the_database_is_described_without_credentials():
 
 
 BAD_SETTINGS = {
-    "MONGO_PORT": "abc", "GRPC_PORT": "70000", "MONGO_TIMEOUT_MS": "0", "GRPC_MAX_WORKERS": "-1",
+    "MONGO_PORT": "abc", "GRPC_PORT": "70000", "MONGO_TIMEOUT_MS": "0", "MAX_CONCURRENT_DELETIONS": "-1",
+    "GRPC_MAX_WORKERS": "0",
     "GRPC_MAX_CONCURRENT_RPCS": "many", "GRPC_REFLECTION": "maybe", "SHUTDOWN_GRACE_S": "soon",
     "LOG_LEVEL": "LOUD", "LOG_FORMAT": "xml", "GRPC_TLS_CERT": "/no/such/cert.pem", "SHUTDOWN_DELAY_S": "-1",
 }
@@ -279,8 +280,15 @@ def test_env_example_lists_every_variable():
     used = {name for name in listed if f'"{name}"' in code}
     assert listed == used
     for name in ("MONGO_URI", "MONGO_HOST", "MONGO_PORT", "MONGO_DB", "MONGO_USER", "MONGO_PASSWORD",
-                 "MONGO_AUTH_SOURCE", "MONGO_TIMEOUT_MS", "GRPC_HOST", "GRPC_PORT", "GRPC_MAX_WORKERS",
-                 "GRPC_MAX_CONCURRENT_RPCS", "GRPC_REFLECTION", "GRPC_TLS_CERT", "GRPC_TLS_KEY",
+                 "MONGO_AUTH_SOURCE", "MONGO_TIMEOUT_MS", "GRPC_HOST", "GRPC_PORT",
+                 "MAX_CONCURRENT_DELETIONS", "GRPC_MAX_CONCURRENT_RPCS", "GRPC_REFLECTION", "GRPC_TLS_CERT",
+                 "GRPC_TLS_KEY",
                  "GRPC_TLS_CLIENT_CA", "GRPC_AUTH_TOKEN", "SHUTDOWN_DELAY_S", "SHUTDOWN_GRACE_S",
                  "HEALTH_CHECK_INTERVAL_S", "LOG_LEVEL", "LOG_FORMAT", "METRICS_PORT", "METRICS_HOST"):
         assert name in listed and f'"{name}"' in code, name
+
+
+def test_the_deletions_limit_is_still_read_under_its_old_name():
+    assert service_settings.load_config({"GRPC_MAX_WORKERS": "3"}).max_concurrent_deletions == 3
+    both = {"GRPC_MAX_WORKERS": "3", "MAX_CONCURRENT_DELETIONS": "5"}
+    assert service_settings.load_config(both).max_concurrent_deletions == 5
