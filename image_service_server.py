@@ -571,12 +571,13 @@ def main(argv=None):
         log.warning("%s", dotenv_warning)
     if args.create_indexes:
         try:
-            create_indexes(db)
+            created = create_indexes(db)
         except pymongo.errors.PyMongoError as error:
             reason = redact(describe_failure(error), config.secrets)
             print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
             return 1
-        print(f"indexes present on {database_description}: {describe_indexes()}")
+        print(f"indexes present on {database_description}: {describe_indexes()};"
+              f" created: {describe_indexes(created) or 'none, all were there'}")
         return 0
     if args.sweep_orphans:
         try:

@@ -165,10 +165,10 @@ def create_indexes(db):
     return missing
 
 
-def describe_indexes():
-    """The INDEXES in one line, for --create-indexes to report."""
+def describe_indexes(indexes=INDEXES):
+    """Indexes in one line, for --create-indexes to report."""
     return ", ".join(f"{index.collection} {index.spec()}{' (unique)' if index.unique else ''}"
-                     for index in INDEXES)
+                     for index in indexes)
 
 
 GRIDFS_CHUNK_SIZE = 255 * 1024  # GridFS's default chunk size

@@ -59,6 +59,21 @@ def store_under_hex_string_id(db, model_id, upper_case=False):
     return file_id
 
 
+def store_under_exactly(db, model_id, file_id):
+    """An image whose GridFS file has ``file_id`` as its ``_id``, exactly as
+    its ``images`` document names it: GridFS allows any ``_id``."""
+    uploaded = datetime.datetime.now(datetime.timezone.utc)
+    db["fs.files"].insert_one({"_id": file_id, "filename": f"{model_id}.jpg", "length": 4,
+                               "chunkSize": 261120, "uploadDate": uploaded})
+    db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"jpeg"})
+    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id, "model_id": model_id})
+
+
+# Ids that are no ObjectId's spelling name the file whose _id is exactly that value.
+EXACT_FILE_IDS = {"mixed-case hex": "5F1b2c3d4e5f60718293a4b5", "a name": "chair-front.jpg",
+                  "an empty string": "", "an integer": 42}
+
+
 def images_of(db, model_id):
     return list(db.images.find({"model_id": model_id}))
 

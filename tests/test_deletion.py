@@ -29,6 +29,7 @@ import image_service_settings as service_settings
 import image_service_store as store
 from mongo_standins import WireMongo, closed_port, silent_socket, synthetic_mongo
 from support import (
+    EXACT_FILE_IDS,
     HERE,
     IMAGE,
     QUERY_LOOK_ALIKES,
@@ -43,6 +44,7 @@ from support import (
     model_data,
     serving,
     serving_on,
+    store_under_exactly,
     store_under_hex_string_id,
     upload,
 )
@@ -186,21 +188,6 @@ def test_metadata_whose_image_id_names_no_file_is_removed_and_reported(database,
     assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
     assert "1 reference had no valid file id" in reply.message
     assert images_of(database, "chair") == []
-
-
-def store_under_exactly(db, model_id, file_id):
-    """An image whose GridFS file has ``file_id`` as its ``_id``, exactly as
-    its ``images`` document names it: GridFS allows any ``_id``."""
-    uploaded = datetime.datetime.now(datetime.timezone.utc)
-    db["fs.files"].insert_one({"_id": file_id, "filename": f"{model_id}.jpg", "length": 4,
-                               "chunkSize": 261120, "uploadDate": uploaded})
-    db["fs.chunks"].insert_one({"files_id": file_id, "n": 0, "data": b"jpeg"})
-    db.images.insert_one({"name": f"{model_id}.jpg", "image_id": file_id, "model_id": model_id})
-
-
-# Ids that are not an ObjectId's spelling name the file whose _id is exactly that value.
-EXACT_FILE_IDS = {"mixed-case hex": "5F1b2c3d4e5f60718293a4b5", "a name": "chair-front.jpg",
-                  "an empty string": "", "an integer": 42}
 
 
 @pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())

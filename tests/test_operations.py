@@ -23,6 +23,7 @@ import image_service_store as store
 import image_service_sweep as orphan_sweep
 from mongo_standins import closed_port
 from support import (
+    EXACT_FILE_IDS,
     HERE,
     a_second_later,
     assert_store_consistent,
@@ -35,6 +36,7 @@ from support import (
     run_server_process,
     serving,
     serving_on,
+    store_under_exactly,
     store_under_hex_string_id,
     sweep,
     upload,
@@ -464,3 +466,43 @@ def test_the_sweep_never_calls_a_file_without_an_upload_date_unreferenced():
     db.images.delete_many({})  # its age unknown, it may be an upload in progress
     report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
     assert report.unreferenced_file_ids == []
+
+
+@pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())
+def test_the_sweep_keeps_an_image_and_its_file_stored_under_exactly_its_image_id(file_id):
+    db = mongomock.MongoClient().db
+    store_under_exactly(db, "chair", file_id)
+    healthy = model_data(db, "chair")
+
+    output = sweep(db, "--apply", "--apply-files")
+
+    assert output.splitlines()[-1] == "removed 0 chunks, 0 images documents, 0 files"
+    assert model_data(db, "chair") == healthy
+    assert db["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+@pytest.mark.parametrize("file_id", EXACT_FILE_IDS.values(), ids=EXACT_FILE_IDS.keys())
+def test_apply_files_keeps_a_file_under_exactly_an_image_id_given_since_the_scan(file_id):
+    db = mongomock.MongoClient().db
+    store_under_exactly(db, "chair", file_id)
+    db.images.delete_many({})
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    assert report.unreferenced_file_ids == [file_id]
+    db.images.insert_one({"name": "chair.jpg", "image_id": file_id, "model_id": "chair"})
+
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+
+    assert removed["files"] == 0 and db["fs.files"].count_documents({"_id": file_id}) == 1
+
+
+def test_create_indexes_counts_an_equivalent_index_under_another_name_as_present(tmp_path, wire):
+    wire.db.images.create_index([("model_id", 1)], name="by_model")
+
+    for _ in range(2):
+        done = run_server_process({"MONGO_URI": wire.uri}, "--create-indexes", cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+
+    created = [command["indexes"][0]["key"] for command in wire.commands if "createIndexes" in command]
+    assert created == [{"image_id": 1}, {"files_id": 1, "n": 1}]
+    assert store.missing_indexes(wire.db) == []
+    assert "by_model" in wire.db.images.index_information()
