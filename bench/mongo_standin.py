@@ -10,7 +10,7 @@ every other ``delete`` removes as many documents as ids it names. It runs on
 one asyncio event loop in a process of its own (``standin_process``), so
 its CPU is never counted as a server's.
 
-    python3 bench_mongo_standin.py --port 27099 --db-latency-ms 1
+    python3 -m bench.mongo_standin --port 27099 --db-latency-ms 1
 """
 
 import argparse
