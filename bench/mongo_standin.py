@@ -1,14 +1,14 @@
 """A MongoDB stand-in for the benchmark: the wire protocol, nothing stored.
 
-It answers the real driver over TCP (OP_QUERY for the legacy handshake,
-OP_MSG for the rest) at once, or after a fixed added latency per command,
-so that what a benchmark measures is each gRPC server's own work and not a
-database's. Every model asked for has one image, until it is deleted: the
-only thing the stand-in remembers is which images were (so that a read
-after the delete finds none left). No other model references its file;
-every other ``delete`` removes as many documents as ids it names. It runs on
-one asyncio event loop in a process of its own (``standin_process``), so
-its CPU is never counted as a server's.
+It answers the real driver over TCP (through ``bench/mongo_wire.py``) at
+once, or after a fixed added latency per command, so that what a benchmark
+measures is each gRPC server's own work and not a database's. Every model
+asked for has one image, until it is deleted: the only thing the stand-in
+remembers is which images were (so that a read after the delete finds none
+left). No other model references its file; every other ``delete`` removes
+as many documents as ids it names. It runs on one asyncio event loop in a
+process of its own (``standin_process``), so its CPU is never counted as a
+server's.
 
     python3 -m bench.mongo_standin --port 27099 --db-latency-ms 1
 """
@@ -18,17 +18,14 @@ import asyncio
 import contextlib
 import hashlib
 import multiprocessing
-import struct
 
-import bson
 from bson import Int64, ObjectId
 
-OP_REPLY, OP_QUERY, OP_MSG = 1, 2004, 2013
-HEADER = struct.Struct("<iiii")
+from bench import mongo_wire
 
-HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "minWireVersion": 0,
-         "maxWireVersion": 21, "maxBsonObjectSize": 16 * 1024 * 1024, "maxMessageSizeBytes": 48_000_000,
-         "maxWriteBatchSize": 100_000, "logicalSessionTimeoutMinutes": 30, "ok": 1}
+# Sessions offered, as a real server offers them: the driver's work per
+# command is then as in production.
+HELLO = {**mongo_wire.HELLO, "logicalSessionTimeoutMinutes": 30}
 
 # What the service's index check looks for, and the upload service's lookup by image.
 INDEXES = {
@@ -38,23 +35,6 @@ INDEXES = {
     "fs.chunks": [{"v": 2, "key": {"_id": 1}, "name": "_id_"},
                   {"v": 2, "key": {"files_id": 1, "n": 1}, "name": "files_id_1_n_1", "unique": True}],
 }
-
-
-def op_msg_command(body):
-    """The command of an OP_MSG body: its body section, with any document
-    sequence (inserts, deletes) added under its identifier."""
-    command, offset = {}, 4
-    while offset < len(body):
-        kind, offset = body[offset], offset + 1
-        size = struct.unpack_from("<i", body, offset)[0]
-        if kind == 0:
-            command.update(bson.decode(body[offset:offset + size]))
-        else:
-            name_end = body.index(b"\0", offset + 4)
-            command[body[offset + 4:name_end].decode()] = bson.decode_all(body[name_end + 1:offset + size])
-        offset += size
-    return command
-
 
 DELETED_IMAGES = set()
 
@@ -88,20 +68,18 @@ def deleted_count(command):
     return removed
 
 
-def cursor(namespace, documents):
-    return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": documents}, "ok": 1}
-
-
-def answer(command):
-    """The reply to one command, as the stand-in's whole database."""
+def answer(command, _size):
+    """The reply to one command, as the stand-in's whole database (its size
+    in bytes does not matter here)."""
     name = next(iter(command))
     if name.lower() in ("ismaster", "hello"):
         return HELLO
     namespace = f"{command.get('$db', 'admin')}.{command[name]}"
     if name == "find":
-        return cursor(namespace, images_of(command.get("filter", {})) if command[name] == "images" else [])
+        found = images_of(command.get("filter", {})) if command[name] == "images" else []
+        return mongo_wire.cursor(namespace, found)
     if name == "aggregate":  # other models' references to a file: none
-        return cursor(namespace, [])
+        return mongo_wire.cursor(namespace, [])
     if name == "delete":
         if command[name] == "images":
             remember_deleted_images(command)
@@ -109,66 +87,14 @@ def answer(command):
     if name == "getMore":
         return {"cursor": {"id": Int64(0), "ns": namespace, "nextBatch": []}, "ok": 1}
     if name == "listIndexes":
-        return cursor(namespace, INDEXES.get(command[name], INDEXES["fs.chunks"][:1]))
+        return mongo_wire.cursor(namespace, INDEXES.get(command[name], INDEXES["fs.chunks"][:1]))
     if name == "buildInfo":
         return {"version": "7.0.0", "versionArray": [7, 0, 0, 0], "ok": 1}
     return {"ok": 1}  # ping, endSessions, and anything else
 
 
-def reply_to(opcode, request_id, body):
-    """The whole reply message to one request message."""
-    if opcode == OP_QUERY:  # flags, collection name, skip, limit, then the command
-        command = bson.decode(body[body.index(b"\0", 4) + 9:])
-        message, opcode_out = struct.pack("<iqii", 0, 0, 0, 1) + bson.encode(answer(command)), OP_REPLY
-    else:
-        message, opcode_out = b"\0\0\0\0\0" + bson.encode(answer(op_msg_command(body))), OP_MSG
-    return HEADER.pack(16 + len(message), 0, request_id, opcode_out) + message
-
-
-class WireProtocol(asyncio.Protocol):
-    """One driver connection: each complete message answered as it arrives."""
-
-    def __init__(self, latency_s):
-        self._latency_s = latency_s
-        self._buffer = bytearray()
-        self._transport = None
-
-    def connection_made(self, transport):
-        self._transport = transport
-
-    def data_received(self, data):
-        self._buffer += data
-        while len(self._buffer) >= 16:
-            length, request_id, _, opcode = HEADER.unpack_from(self._buffer)
-            if len(self._buffer) < length:
-                return
-            body = bytes(self._buffer[16:length])
-            del self._buffer[:length]
-            self._send(reply_to(opcode, request_id, body))
-
-    def _send(self, reply):
-        if self._latency_s:
-            asyncio.get_running_loop().call_later(self._latency_s, self._write, reply)
-        else:
-            self._write(reply)
-
-    def _write(self, reply):
-        if not self._transport.is_closing():
-            self._transport.write(reply)
-
-
-async def serve(port, latency_s, ready=None):
-    """Serves until cancelled; ``ready`` (a pipe end) is sent the bound port."""
-    loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: WireProtocol(latency_s), "127.0.0.1", port, backlog=512)
-    if ready is not None:
-        ready.send(server.sockets[0].getsockname()[1])
-    async with server:
-        await server.serve_forever()
-
-
 def _run_standin(ready, latency_s):
-    asyncio.run(serve(0, latency_s, ready))
+    asyncio.run(mongo_wire.serve(answer, 0, latency_s, on_listening=ready.send))
 
 
 @contextlib.contextmanager
@@ -192,7 +118,7 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=27099, help="port to listen on, on 127.0.0.1")
     parser.add_argument("--db-latency-ms", type=float, default=0.0, help="added to every command's answer")
     args = parser.parse_args(argv)
-    asyncio.run(serve(args.port, args.db_latency_ms / 1000))
+    asyncio.run(mongo_wire.serve(answer, args.port, args.db_latency_ms / 1000))
 
 
 if __name__ == "__main__":
