@@ -1,23 +1,24 @@
 """MongoDB stand-ins at the wire level, for the real pymongo driver to talk to:
 a closed port, a socket that never answers, WireMongo (data in mongomock;
-commands counted, held, failed or dropped) and SyntheticMongo (a million
-images synthesised on demand, in a process of its own)."""
+commands counted, held, failed or dropped; mockupdb speaks the protocol) and
+SyntheticMongo (a million images synthesised on demand, in a process of its
+own, speaking the protocol of ``bench/mongo_wire.py`` as the benchmark's
+stand-in does)."""
 
+import asyncio
 import contextlib
 import gc
 import multiprocessing
 import socket
-import socketserver
-import struct
 import threading
 
-import bson
 import mongomock
 import pymongo
-from bson import Int64, ObjectId
+from bson import ObjectId
 from mockupdb import MockupDB
 
 import image_service_store as store
+from bench import mongo_wire
 
 
 def closed_port():
@@ -47,9 +48,7 @@ class WireMongo:
     until ``recover()``.
     """
 
-    HELLO = {"ismaster": True, "isWritablePrimary": True, "helloOk": True, "minWireVersion": 0,
-             "maxWireVersion": 21, "maxBsonObjectSize": 16 * 1024 * 1024,
-             "maxMessageSizeBytes": 48_000_000, "maxWriteBatchSize": 100_000}
+    HELLO = mongo_wire.HELLO
 
     def __init__(self, port=None):
         self.db = mongomock.MongoClient()["CatalogServiceDB"]
@@ -108,7 +107,7 @@ class WireMongo:
                 code, code_name, errmsg = self.refused[name]
                 return request.command_err(code=code, errmsg=errmsg, codeName=code_name)
             if name == "listIndexes":  # the index check, not a data command
-                return request.ok(cursor=self._indexes(request.doc[name]))
+                return request.ok(self._indexes(request.doc[name]))
             if name != "ping":
                 self.arrivals.release()
             while not self.answering.wait(0.05):
@@ -132,7 +131,7 @@ class WireMongo:
         indexes = [{"v": 2, "key": dict(index["key"]), "name": name,
                     **({"unique": True} if index.get("unique") else {})}
                    for name, index in self.db[collection].index_information().items()]
-        return {"id": Int64(0), "ns": f"{self.db.name}.{collection}", "firstBatch": indexes}
+        return mongo_wire.cursor(f"{self.db.name}.{collection}", indexes)
 
     def _execute(self, name, command):
         collection = self.db[command[name]]
@@ -156,21 +155,18 @@ class WireMongo:
             return {"n": removed}
         else:
             raise AssertionError(f"WireMongo does not know {name!r}")
-        return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": documents}}
+        return mongo_wire.cursor(namespace, documents)
 
 
-class SyntheticMongo(socketserver.ThreadingTCPServer):
-    """A MongoDB at the wire level, in a few lines of OP_MSG, holding one
-    model with ``images`` images synthesised on demand rather than stored
-    (each with one file and one chunk). It answers the handshake, the
-    delete's reads of ``images`` (up to ``limit`` documents of the model; no
-    other model references its files) and deletes by ``$in``, remembering
-    what is gone, and records each command's name, collection and size."""
-
-    daemon_threads = True
+class SyntheticMongo:
+    """A MongoDB holding one model with ``images`` images synthesised on
+    demand rather than stored (each with one file and one chunk), served by
+    ``synthetic_mongo``. It answers the handshake, the delete's reads of
+    ``images`` (up to ``limit`` documents of the model; no other model
+    references its files) and deletes by ``$in``, remembering what is gone,
+    and records each command's name, collection and size."""
 
     def __init__(self, model_id, images):
-        super().__init__(("127.0.0.1", 0), _OpMsgHandler)
         self.model_id = model_id
         self.metadata_ids = [ObjectId(b"\x01" + i.to_bytes(11, "big")) for i in range(images)]
         self.file_ids = [ObjectId(b"\x02" + i.to_bytes(11, "big")) for i in range(images)]
@@ -182,22 +178,21 @@ class SyntheticMongo(socketserver.ThreadingTCPServer):
     def answer(self, command, size):
         name = next(iter(command))
         if name.lower() in ("ismaster", "hello"):
-            return {**WireMongo.HELLO, "ok": 1}
+            return mongo_wire.HELLO
         if name in ("ping", "endSessions"):
             return {"ok": 1}
         if name == "listIndexes":  # the service's index check: every index it wants is there
             indexes = [{"v": 2, "key": dict(index.keys), "name": f"index-{number}", "unique": index.unique}
                        for number, index in enumerate(store.INDEXES)]
-            namespace = f"CatalogServiceDB.{command[name]}"
-            return {"cursor": {"id": Int64(0), "ns": namespace, "firstBatch": indexes}, "ok": 1}
+            return mongo_wire.cursor(f"CatalogServiceDB.{command[name]}", indexes)
         if name == "report":  # for the test: what is left, and what was asked
             return {"present": {key: len(ids) for key, ids in self.present.items()},
                     "commands": [list(command) for command in self.commands], "ok": 1}
         self.commands.append((name, str(command[name]), size))
         if name == "find" and "model_id" in command["filter"]:
-            return {"cursor": self._images(command.get("limit", 0)), "ok": 1}
+            return mongo_wire.cursor("CatalogServiceDB.images", self._images(command.get("limit", 0)))
         if name == "aggregate":  # other models' references to its files: none
-            return {"cursor": {"id": Int64(0), "ns": "CatalogServiceDB.images", "firstBatch": []}, "ok": 1}
+            return mongo_wire.cursor("CatalogServiceDB.images", [])
         if name == "delete":
             ((_, condition),) = command["deletes"][0]["q"].items()
             gone = self.present[command["delete"]] & set(condition["$in"])
@@ -214,16 +209,14 @@ class SyntheticMongo(socketserver.ThreadingTCPServer):
             end = min(self._first_present + limit, end)
         # image_id as an ObjectId, as other writers store it: spelling a
         # million ids out as hex would cost this stand-in most of the test.
-        documents = [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
-                     for i in range(self._first_present, end)]
-        return {"id": Int64(0), "ns": "CatalogServiceDB.images", "firstBatch": documents}
+        return [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
+                for i in range(self._first_present, end)]
 
 
 def _serve_synthetic(model_id, images, ports):
     stand_in = SyntheticMongo(model_id, images)
     gc.freeze()  # Millions of ids that never die: the collector need not walk them.
-    ports.put(stand_in.server_address[1])
-    stand_in.serve_forever()
+    asyncio.run(mongo_wire.serve(stand_in.answer, on_listening=ports.put))
 
 
 @contextlib.contextmanager
@@ -240,47 +233,3 @@ def synthetic_mongo(model_id, images):
     finally:
         process.kill()
         process.join()
-
-
-class _OpMsgHandler(socketserver.BaseRequestHandler):
-    """One connection: OP_QUERY for the legacy handshake, OP_MSG for the rest
-    (a body section and, for inserts and deletes, one document sequence)."""
-
-    def handle(self):
-        while header := self._read(16):
-            length, request_id, _, opcode = struct.unpack("<iiii", header)
-            body = self._read(length - 16)
-            if opcode == 2004:  # OP_QUERY: flags, collection name, skip, limit, then the command
-                command = bson.decode(body[body.index(b"\0", 4) + 9:])
-                reply = bson.encode(self.server.answer(command, len(body)))
-                message = struct.pack("<iqii", 0, 0, 0, 1) + reply
-                opcode_out = 1
-            else:
-                command = self._op_msg_command(body)
-                message = b"\0\0\0\0\0" + bson.encode(self.server.answer(command, len(body)))
-                opcode_out = 2013
-            self.request.sendall(struct.pack("<iiii", 16 + len(message), 0, request_id, opcode_out) + message)
-
-    @staticmethod
-    def _op_msg_command(body):
-        command, offset = {}, 4
-        while offset < len(body):
-            kind, offset = body[offset], offset + 1
-            size = struct.unpack_from("<i", body, offset)[0]
-            if kind == 0:
-                command.update(bson.decode(body[offset:offset + size]))
-            else:
-                name_end = body.index(b"\0", offset + 4)
-                sequence = body[offset + 4:name_end].decode()
-                command[sequence] = bson.decode_all(body[name_end + 1:offset + size])
-            offset += size
-        return command
-
-    def _read(self, count):
-        data, received = bytearray(count), 0
-        while received < count:
-            got = self.request.recv_into(memoryview(data)[received:])
-            if not got:
-                return b""
-            received += got
-        return bytes(data)

@@ -177,7 +177,7 @@ def test_a_failure_naming_no_server_names_the_servers_it_tried():
 
 
 def test_the_load_runs_own_store_has_the_indexes_so_no_index_is_warned_about(service_log):
-    import load_image_service as load
+    from bench import load_image_service as load
 
     running, _ = load.start_in_memory(models=1, images=1, max_concurrent_rpcs=1)
     try:

@@ -613,7 +613,7 @@ def test_a_short_mongodb_password_is_blanked_from_the_formatted_log(root_logging
 
 
 def test_thousands_of_concurrent_deletes_succeed_or_are_shed_and_memory_stays_flat():
-    import load_image_service as load
+    from bench import load_image_service as load
 
     running, model_ids = load.start_in_memory(models=300, images=2, max_concurrent_rpcs=100)
     try:

@@ -1,7 +1,7 @@
 """Load test of the image service: thousands of deletes at concurrency 32.
 
-    python3 load_image_service.py                       # in-process server, in memory
-    python3 load_image_service.py --calls 20000 --max-seconds 300
+    python3 -m bench.load_image_service   # in-process server, in memory
+    python3 -m bench.load_image_service --calls 20000 --max-seconds 300
 
 It starts the server in-process on a loopback port over an in-memory store,
 seeds models shaped like real uploads, and sends DeleteImageByModelId calls

@@ -1,10 +1,10 @@
 """Benchmark of the image service: deletes per second, latency, database commands.
 
-    python3 bench_image_service.py                    # in memory, 2 ms added per database command
-    python3 bench_image_service.py --mongo-uri URI    # a real MongoDB (use a scratch database)
-    python3 bench_image_service.py --serving          # the server itself, against a no-op servicer
-    python3 bench_image_service.py --compare          # side by side with the original algorithm, over TCP
-    python3 bench_image_service.py --health           # health Check while MongoDB hangs, admission full
+    python3 -m bench.bench_image_service                  # in memory, 2 ms added per database command
+    python3 -m bench.bench_image_service --mongo-uri URI  # a real MongoDB (use a scratch database)
+    python3 -m bench.bench_image_service --serving        # the server itself, against a no-op servicer
+    python3 -m bench.bench_image_service --compare        # side by side with the original, over TCP
+    python3 -m bench.bench_image_service --health         # health Check while MongoDB hangs, admission full
 
 It starts the server in-process on a free loopback port, seeds N models of K
 images each, shaped as the upload service writes them, and measures:
@@ -16,7 +16,7 @@ images each, shaped as the upload service writes them, and measures:
 - single DeleteImageByModelId calls, at concurrency 1 and C;
 - DeleteImagesByModelIds batches of B models;
 - with --serving: the server alone, in a child process of its own with the
-  production settings (GRPC_MAX_WORKERS, GRPC_MAX_CONCURRENT_RPCS): single
+  production settings (MAX_CONCURRENT_DELETIONS, GRPC_MAX_CONCURRENT_RPCS): single
   deletes at concurrency 1, 10 and 50 against the same calls to a no-op
   servicer on the same server setup (the gRPC floor), and health Check
   latency while MongoDB hangs and the admission bound is full.
@@ -25,7 +25,7 @@ With --compare, no store is in memory: a no-op synchronous server, the
 original algorithm (a synchronous server with 10 threads: find_one, then
 GridFS delete, then delete_one) and this service (wired as main() wires it,
 default settings) each run in a process of their own against
-bench_mongo_standin.py, a MongoDB wire-protocol responder that stores
+bench/mongo_standin.py, a MongoDB wire-protocol responder that stores
 nothing, with --db-latency-ms added per command. A load generator in another
 process deletes a distinct 1-image model per call, at each --callers count;
 one table per latency gives deletes/s, p50, p99 and the server process's CPU
@@ -64,7 +64,7 @@ from pymongo import monitoring
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_server as server
-from bench_mongo_standin import standin_process
+from bench.mongo_standin import standin_process
 from image_service_background import BackgroundServer
 from image_service_replies import RequestedModels
 from image_service_store import InMemoryDatabase, referenced_file_id, store_image
@@ -240,7 +240,7 @@ def check_single(reply, kind="delete"):
 def run(args):
     db, counter, sync_db = open_database(args)
     config = dataclasses.replace(server.load_config({}), grpc_host="127.0.0.1", grpc_port=0,
-                                 max_workers=max(args.concurrency, 4), mongo_timeout_s=60)
+                                 max_concurrent_deletions=max(args.concurrency, 4), mongo_timeout_s=60)
     running = BackgroundServer(server.start_server(config, db))
     image = bytes(args.image_kib * 1024)
     results = []
@@ -433,7 +433,7 @@ def health_under_saturation(checks=200, bound=20):
 
 # ---------------------------------------------------------------------------
 # --compare: this service against the original algorithm and a no-op, over
-# TCP, against the wire-protocol stand-in (bench_mongo_standin.py)
+# TCP, against the wire-protocol stand-in (bench/mongo_standin.py)
 # ---------------------------------------------------------------------------
 
 
