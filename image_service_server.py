@@ -52,7 +52,6 @@ import pymongo.errors
 from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pymongo.collation import Collation
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
@@ -84,6 +83,7 @@ from image_service_store import (
     gridfs_file_key,
     in_batches,
     open_database,
+    read_collation,
     referenced_file_id,
     references_filter,
     stored_file_ids,
@@ -121,9 +121,6 @@ ALONE_AT_ONCE = 10
 LOGGED_REQUEST_IDS = 20
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
-# Reads compare strings exactly, whatever default collation a collection
-# was created with: a case-insensitive one would read "Chair" for "chair".
-EXACT = Collation("simple")
 
 
 def stored_model_id_forms(model_id):
@@ -187,7 +184,8 @@ async def read_images(db, forms_to_models, limit=0):
     ``find``."""
     read = ImagesRead()
     cursor = db.images.find(images_of(list(forms_to_models)), {"model_id": 1, "image_id": 1},
-                            limit=limit, batch_size=limit or READ_BATCH_SIZE, collation=EXACT)
+                            limit=limit, batch_size=limit or READ_BATCH_SIZE,
+                            collation=await read_collation(db))
     async for document in cursor:
         read.add(forms_to_models[document["model_id"]], document)
     return read
@@ -202,7 +200,7 @@ async def files_referenced_elsewhere(db, file_ids, forms):
     for batch in in_batches(file_ids, ROUND_SIZE):
         pipeline = [{"$match": {"$and": [references_filter(batch), images_of_other_models(forms)]}},
                     {"$group": {"_id": "$image_id"}}]
-        async for spelling in await db.images.aggregate(pipeline, collation=EXACT):
+        async for spelling in await db.images.aggregate(pipeline, collation=await read_collation(db)):
             referenced.add(referenced_file_id(spelling["_id"]))
     return referenced & set(file_ids)
 
@@ -332,7 +330,8 @@ async def preview_images_of_models(db, model_ids, found):
     lengths = collections.Counter()
     existing = set()
     for batch in in_batches([file_id for file_id in owners if file_id not in kept], ROUND_SIZE):
-        files = db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1}, collation=EXACT)
+        files = db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1},
+                                    collation=await read_collation(db, "fs.files"))
         async for file in files:
             lengths[gridfs_file_key(file["_id"])] += int(file.get("length") or 0)
             existing.add(gridfs_file_key(file["_id"]))
