@@ -290,6 +290,7 @@ class _InMemoryCursor:
 EXACT = Collation("simple")
 # What a server answers for a field or command it does not implement.
 NOT_IMPLEMENTED_CODES = (238, 115)  # NotImplemented, CommandNotSupported
+UNAUTHORIZED = 13  # a user without the listCollections privilege
 
 _read_collations = weakref.WeakKeyDictionary()  # database -> Collation | None, once decided
 
@@ -317,28 +318,38 @@ async def _decide_read_collation(db, collection):
     except pymongo.errors.OperationFailure as error:
         if error.code in NOT_IMPLEMENTED_CODES:  # it cannot say: it keeps no collations either
             return True, None
-        raise
+        if error.code != UNAUTHORIZED:
+            raise
+        log.warning("not allowed to list collections: reads of %s name the collation \"simple\" unless"
+                    " the server refuses it (grant listCollections to read without it)", collection)
+        return True, await _exact_unless_refused(db, collection)
     if options is None:
         return False, None
-    if not needs_exact_collation(options):
+    if not _needs_exact_collation(options):
         return True, None
-    try:
-        await _read_one_with(db, collection, EXACT)
-    except pymongo.errors.OperationFailure as error:
-        if error.code in NOT_IMPLEMENTED_CODES:
-            log.warning("%s has the default collation %s, but this server does not implement collation on"
-                        " reads: they compare model ids by the server's own rules", collection,
-                        options["collation"])
-            return True, None
-        raise
-    return True, EXACT
+    return True, await _exact_unless_refused(db, collection)
 
 
-def needs_exact_collation(options):
+def _needs_exact_collation(options):
     """Whether a collection with these options (as listCollections gives
     them) compares strings other than exactly by default."""
     collation = options.get("collation")
     return bool(collation) and collation.get("locale") != "simple"
+
+
+async def _exact_unless_refused(db, collection):
+    """EXACT, unless one read naming it is answered NotImplemented or
+    CommandNotSupported: then None (the server compares exactly anyway)."""
+    try:
+        async for _ in db[collection].find({}, {"_id": 1}, limit=1, collation=EXACT):
+            pass
+    except pymongo.errors.OperationFailure as error:
+        if error.code not in NOT_IMPLEMENTED_CODES:
+            raise
+        log.warning("this server does not implement collation on reads of %s: they go without it, and the"
+                    " server compares model ids by its own rules", collection)
+        return None
+    return EXACT
 
 
 async def _collection_options(db, collection):
@@ -346,12 +357,6 @@ async def _collection_options(db, collection):
     async for info in await db.list_collections(filter={"name": collection}):
         return info.get("options", {})
     return None
-
-
-async def _read_one_with(db, collection, collation):
-    """One read naming ``collation``: whether the server takes the field."""
-    async for _ in db[collection].find({}, {"_id": 1}, limit=1, collation=collation):
-        pass
 
 
 # ---------------------------------------------------------------------------

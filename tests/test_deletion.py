@@ -978,7 +978,7 @@ def test_reads_name_no_collation_on_a_server_that_does_not_implement_it(wire, se
     assert (deleted.success, preview.success) == (True, True)
     assert not any("collation" in command for command in wire.commands)
     warnings = [record.getMessage() for record in service_log.records]
-    assert any("does not implement collation on reads" in warning for warning in warnings)
+    assert any("does not implement collation on reads of images" in warning for warning in warnings)
 
 
 def test_reads_name_no_collation_on_a_server_that_cannot_list_collections(wire):
@@ -988,6 +988,15 @@ def test_reads_name_no_collation_on_a_server_that_cannot_list_collections(wire):
     deleted, preview = delete_and_preview(wire, "chair")
     assert (deleted.success, preview.success) == (True, True)
     assert not any("collation" in command for command in wire.commands)
+
+
+def test_reads_name_the_simple_collation_when_the_user_may_not_list_collections(wire):
+    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    reads = reads_of(wire, "images")
+    assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
 
 
 def test_the_collation_is_decided_once(wire):
