@@ -51,7 +51,6 @@ import pymongo.errors
 from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pymongo.collation import Collation
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
@@ -82,6 +81,7 @@ from image_service_store import (
     describe_indexes,
     in_batches,
     open_database,
+    read_collation,
     referenced_file_id,
     references_filter,
     stored_file_ids,
@@ -116,9 +116,6 @@ ROUND_SIZE = 10_000
 REPLY_MARGIN_S = 0.05
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
-# Reads compare strings exactly, whatever default collation a collection
-# was created with: a case-insensitive one would read "Chair" for "chair".
-EXACT = Collation("simple")
 
 
 def stored_model_id_forms(model_id: str) -> list:
@@ -241,7 +238,7 @@ class Deletion:
         lengths, existing = collections.Counter(), set()
         for batch in in_batches([file_id for file_id in owners if file_id not in kept], self._round_size):
             files = self._db["fs.files"].find({"_id": {"$in": stored_file_ids(batch)}}, {"length": 1},
-                                              collation=EXACT)
+                                              collation=await read_collation(self._db, "fs.files"))
             async for file in files:
                 lengths[referenced_file_id(file["_id"])] += int(file.get("length") or 0)
                 existing.add(referenced_file_id(file["_id"]))
@@ -257,7 +254,8 @@ class Deletion:
         """The models' ``images`` documents, up to ``limit`` (0: all), in one ``find``."""
         read = ImagesRead()
         cursor = self._db.images.find(images_of(self._forms), {"model_id": 1, "image_id": 1}, limit=limit,
-                                      batch_size=limit or READ_BATCH_SIZE, collation=EXACT)
+                                      batch_size=limit or READ_BATCH_SIZE,
+                                      collation=await read_collation(self._db))
         async for document in cursor:
             read.add(self._forms_to_models[document["model_id"]], document)
         return read
@@ -272,7 +270,8 @@ class Deletion:
         for batch in in_batches(file_ids, self._round_size):
             pipeline = [{"$match": {"$and": [references_filter(batch), images_of_other_models(self._forms)]}},
                         {"$group": {"_id": "$image_id"}}]
-            async for spelling in await self._db.images.aggregate(pipeline, collation=EXACT):
+            references = await self._db.images.aggregate(pipeline, collation=await read_collation(self._db))
+            async for spelling in references:
                 referenced.add(referenced_file_id(spelling["_id"]))
         return referenced & set(file_ids)
 

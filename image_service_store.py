@@ -6,16 +6,20 @@ the data: how the upload service stores an image (a GridFS file in bucket
 GridFS file, the indexes deletes need (checked at start, created by
 ``--create-indexes``), opening the database (every wait bounded by
 MONGO_TIMEOUT_MS; reads on the primary), and the in-memory stand-in with
-sample images that ``--in-memory`` serves.
+sample images that ``--in-memory`` serves; and whether reads must name the
+collation "simple" to compare strings exactly (decided once, from what the
+server says).
 """
 
 import dataclasses
 import datetime
 import logging
+import weakref
 
 import pymongo
 import pymongo.errors
 from bson import ObjectId, Regex
+from pymongo.collation import Collation
 from pymongo.read_concern import ReadConcern
 
 from image_service_settings import ConfigError, describe_database, redact
@@ -227,6 +231,12 @@ class InMemoryDatabase:
             raise AttributeError(name)
         return self[name]
 
+    async def list_collections(self, filter):
+        """The collection ``filter`` names, if it exists: mongomock keeps no
+        collection options (no default collation)."""
+        names = [name for name in self._db.list_collection_names() if name == filter["name"]]
+        return _InMemoryCursor(iter([{"name": name, "type": "collection", "options": {}} for name in names]))
+
 
 class _InMemoryClient:
     def __init__(self):
@@ -265,6 +275,90 @@ class _InMemoryCursor:
             return next(self._cursor)
         except StopIteration:
             raise StopAsyncIteration from None
+
+
+# ---------------------------------------------------------------------------
+# Exact reads
+# ---------------------------------------------------------------------------
+#
+# The deletion compares model ids and file ids exactly. On MongoDB a
+# collection created with a non-simple default collation (case-insensitive,
+# say) would compare "Chair" equal to "chair", unless each read names the
+# collation "simple". Servers that implement no collation at all (FerretDB
+# v1, Amazon DocumentDB before 8.0) refuse a read that names one, with
+# NotImplemented; they compare exactly anyway. So a read names "simple" only
+# when the collection's own options give it another default collation.
+
+EXACT = Collation("simple")
+# What a server answers for a field or command it does not implement.
+NOT_IMPLEMENTED_CODES = (238, 115)  # NotImplemented, CommandNotSupported
+UNAUTHORIZED = 13  # a user without the listCollections privilege
+
+_read_collations = weakref.WeakKeyDictionary()  # database -> Collation | None, once decided
+
+
+async def read_collation(db, collection="images"):
+    """The collation the deletion's reads of ``collection`` pass: EXACT when
+    its default collation is not simple, else None (pass nothing). Decided
+    once per database, from listCollections; while the collection does not
+    exist yet, nothing is decided and the next read asks again. Two calls
+    deciding at once both ask: they reach the same answer."""
+    decided_here = _read_collations.get(db, {})
+    if collection in decided_here:
+        return decided_here[collection]
+    decided, collation = await _decide_read_collation(db, collection)
+    if decided:
+        _read_collations.setdefault(db, {})[collection] = collation
+    return collation
+
+
+async def _decide_read_collation(db, collection):
+    """(decided, collation): whether the server's answers settle it, and the
+    collation reads must pass."""
+    try:
+        options = await _collection_options(db, collection)
+    except pymongo.errors.OperationFailure as error:
+        if error.code in NOT_IMPLEMENTED_CODES:  # it cannot say: it keeps no collations either
+            return True, None
+        if error.code != UNAUTHORIZED:
+            raise
+        log.warning("not allowed to list collections: reads of %s name the collation \"simple\" unless"
+                    " the server refuses it (grant listCollections to read without it)", collection)
+        return True, await _exact_unless_refused(db, collection)
+    if options is None:
+        return False, None
+    if not _needs_exact_collation(options):
+        return True, None
+    return True, await _exact_unless_refused(db, collection)
+
+
+def _needs_exact_collation(options):
+    """Whether a collection with these options (as listCollections gives
+    them) compares strings other than exactly by default."""
+    collation = options.get("collation")
+    return bool(collation) and collation.get("locale") != "simple"
+
+
+async def _exact_unless_refused(db, collection):
+    """EXACT, unless one read naming it is answered NotImplemented or
+    CommandNotSupported: then None (the server compares exactly anyway)."""
+    try:
+        async for _ in db[collection].find({}, {"_id": 1}, limit=1, collation=EXACT):
+            pass
+    except pymongo.errors.OperationFailure as error:
+        if error.code not in NOT_IMPLEMENTED_CODES:
+            raise
+        log.warning("this server does not implement collation on reads of %s: they go without it, and the"
+                    " server compares model ids by its own rules", collection)
+        return None
+    return EXACT
+
+
+async def _collection_options(db, collection):
+    """The collection's options, or None if it does not exist."""
+    async for info in await db.list_collections(filter={"name": collection}):
+        return info.get("options", {})
+    return None
 
 
 # ---------------------------------------------------------------------------

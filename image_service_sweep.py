@@ -44,10 +44,27 @@ def find_orphans(db, min_age_s, now=None):
                     and _utc(uploaded) < cutoff]
     dangling = [doc_id for doc_id, file_id in references.items()
                 if file_id is None or file_id not in file_keys]
-    chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id", "newest": {"$max": "$_id"}}}])
-    orphan_chunks = [group["_id"] for group in chunk_groups if group["_id"] not in files
-                     and isinstance(group["newest"], ObjectId) and group["newest"].generation_time < cutoff]
+    chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id"}}])
+    without_file = [group["_id"] for group in chunk_groups if group["_id"] not in files]
+    newest = newest_chunks(db, without_file)
+    orphan_chunks = [files_id for files_id in without_file
+                     if files_id in newest and newest[files_id].generation_time < cutoff]
     return OrphanReport(orphan_chunks, unreferenced, dangling)
+
+
+def newest_chunks(db, file_ids, batch_size=500):
+    """The ObjectId of the newest chunk of each of these files, when every
+    chunk's ``_id`` is an ObjectId (otherwise its age is unknown and the file
+    is left out). Read here, not by ``$max`` in the ``$group``: FerretDB v1
+    implements no ``$group`` accumulator but ``$count`` and ``$sum``."""
+    newest, unknown = {}, set()
+    for batch in in_batches(file_ids, batch_size):
+        for chunk in db["fs.chunks"].find({"files_id": {"$in": batch}}, {"files_id": 1}):
+            if not isinstance(chunk["_id"], ObjectId):
+                unknown.add(chunk["files_id"])
+            elif chunk["files_id"] not in newest or newest[chunk["files_id"]] < chunk["_id"]:
+                newest[chunk["files_id"]] = chunk["_id"]
+    return {files_id: chunk_id for files_id, chunk_id in newest.items() if files_id not in unknown}
 
 
 def _utc(moment):

@@ -74,6 +74,9 @@ def answer(command, _size):
     name = next(iter(command))
     if name.lower() in ("ismaster", "hello"):
         return HELLO
+    if name == "listCollections":  # the collection asked for, with no default collation
+        collection = {"name": command["filter"]["name"], "type": "collection", "options": {}}
+        return mongo_wire.cursor(f"{command.get('$db', 'admin')}.$cmd.listCollections", [collection])
     namespace = f"{command.get('$db', 'admin')}.{command[name]}"
     if name == "find":
         found = images_of(command.get("filter", {})) if command[name] == "images" else []

@@ -8,13 +8,12 @@ import os
 import mongomock
 import pymongo
 import pytest
-from bson import ObjectId
 
 import image_service_server as server
 from image_service_observability import describe_failure
 from image_service_settings import _uri_passwords, redact
 from mongo_standins import WireMongo
-from support import LogWatcher, serving, upload
+from support import LogWatcher, empty_real_database, serving, upload
 
 MONGO_ANSWER_WITHIN_S = 3
 
@@ -62,16 +61,19 @@ def database(request):
     if request.param == "mongomock":
         yield mongomock.MongoClient()["CatalogServiceDB"]
         return
-    uri = os.environ.get("TEST_MONGO_URI")
-    if not uri:
-        pytest.skip("TEST_MONGO_URI is not set: set it to a MongoDB URI to run this test on a real server")
-    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
-    name = f"image_service_test_{ObjectId()}"
-    try:
-        yield client[name]
-    finally:
-        client.drop_database(name)
-        client.close()
+    yield from empty_real_database()
+
+
+@pytest.fixture
+def real_database():
+    """An empty database on the real MongoDB (or FerretDB) of TEST_MONGO_URI."""
+    yield from empty_real_database()
+
+
+@pytest.fixture
+def real_service_settings(real_database):
+    """The environment a service process needs to serve ``real_database``."""
+    return {"MONGO_URI": os.environ["TEST_MONGO_URI"], "MONGO_DB": real_database.name}
 
 
 @pytest.fixture

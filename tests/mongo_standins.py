@@ -44,8 +44,11 @@ class WireMongo:
     find, aggregate, insert and delete; counts the data commands; and can
     fail any of them by number (an error reply, or the connection dropped
     before or after the command took effect), run a hook before one, refuse
-    a command by name (``refused``, listIndexes included), or stop answering
-    until ``recover()``.
+    a command by name (``refused``, listIndexes and listCollections
+    included) or any command carrying a field (``unimplemented``, answered
+    NotImplemented as FerretDB v1 answers ``collation``), or stop answering
+    until ``recover()``. listCollections reports the options collections
+    were created with (``create_collection``).
     """
 
     HELLO = mongo_wire.HELLO
@@ -55,6 +58,8 @@ class WireMongo:
         self.commands = []  # every data command received, as sent
         self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
         self.refused = {}  # command name -> (code, codeName, errmsg): every such command gets this error
+        self.unimplemented = set()  # fields any command carrying them is refused for, as FerretDB v1 does
+        self.collection_options = {}  # collection name -> its options, as create_collection gave them
         self.answering = threading.Event()
         self.answering.set()
         self.arrivals = threading.Semaphore(0)  # released as each data command arrives
@@ -106,8 +111,14 @@ class WireMongo:
             if name in self.refused:
                 code, code_name, errmsg = self.refused[name]
                 return request.command_err(code=code, errmsg=errmsg, codeName=code_name)
+            if self.unimplemented & set(request.doc):
+                field = min(self.unimplemented & set(request.doc))
+                errmsg = f"{name}: support for field {field!r} is not implemented yet"
+                return request.command_err(code=238, codeName="NotImplemented", errmsg=errmsg)
             if name == "listIndexes":  # the index check, not a data command
                 return request.ok(self._indexes(request.doc[name]))
+            if name == "listCollections":  # the collation decision, not a data command
+                return request.ok(self._collections(request.doc.get("filter", {})))
             if name != "ping":
                 self.arrivals.release()
             while not self.answering.wait(0.05):
@@ -132,6 +143,19 @@ class WireMongo:
                     **({"unique": True} if index.get("unique") else {})}
                    for name, index in self.db[collection].index_information().items()]
         return mongo_wire.cursor(f"{self.db.name}.{collection}", indexes)
+
+    def _collections(self, query):
+        """listCollections' answer: the collections ``query`` names that exist
+        (made by a write, or by create_collection), with their options."""
+        names = set(self.db.list_collection_names()) | set(self.collection_options)
+        found = [{"name": name, "type": "collection", "options": self.collection_options.get(name, {})}
+                 for name in sorted(names) if query.get("name", name) == name]
+        return mongo_wire.cursor(f"{self.db.name}.$cmd.listCollections", found)
+
+    def create_collection(self, name, **options):
+        """A collection created with options (a default collation, say),
+        which listCollections reports as MongoDB does."""
+        self.collection_options[name] = options
 
     def _execute(self, name, command):
         collection = self.db[command[name]]
@@ -181,6 +205,9 @@ class SyntheticMongo:
             return mongo_wire.HELLO
         if name in ("ping", "endSessions"):
             return {"ok": 1}
+        if name == "listCollections":  # the collection asked for, with no default collation
+            collection = {"name": command["filter"]["name"], "type": "collection", "options": {}}
+            return mongo_wire.cursor("CatalogServiceDB.$cmd.listCollections", [collection])
         if name == "listIndexes":  # the service's index check: every index it wants is there
             indexes = [{"v": 2, "key": dict(index.keys), "name": f"index-{number}", "unique": index.unique}
                        for number, index in enumerate(store.INDEXES)]

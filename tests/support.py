@@ -19,6 +19,7 @@ import grpc
 import mongomock
 import pymongo
 import pymongo.database
+import pytest
 from bson import ObjectId
 
 import image_service_pb2 as pb2
@@ -119,6 +120,22 @@ def served_database(db):
     return db
 
 
+def empty_real_database():
+    """An empty database on the real MongoDB (or FerretDB) of TEST_MONGO_URI,
+    dropped after; the test is skipped, saying why, when none is set."""
+    uri = os.environ.get("TEST_MONGO_URI")
+    if not uri:
+        pytest.skip("TEST_MONGO_URI is not set: set it to a MongoDB URI to run this test on a real server"
+                    " (scripts/with-ferretdb does, with a FerretDB)")
+    client = pymongo.MongoClient(uri, serverSelectionTimeoutMS=5000)
+    name = f"image_service_test_{ObjectId()}"
+    try:
+        yield client[name]
+    finally:
+        client.drop_database(name)
+        client.close()
+
+
 def delete_directly(db, model_ids, seconds=5, **options):
     """The deletion itself, without the server, on its own event loop."""
     return delete_before(db, model_ids, time.monotonic() + seconds, **options)
@@ -145,7 +162,9 @@ def serving(db, metrics=None, round_size=server.ROUND_SIZE, **settings_):
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
     finally:
-        if isinstance(db.client, pymongo.AsyncMongoClient):
+        # A test that stopped the server itself has ended its loop, and the
+        # client with it: nothing is left to close on it.
+        if isinstance(db.client, pymongo.AsyncMongoClient) and running._loop.is_running():
             running.run(db.client.close(), timeout_s=10)
         running.stop(0)
 
@@ -190,9 +209,10 @@ def run_server_process(env_overrides, *args, cwd=None, timeout=20):
 
 
 class ServerProcess:
-    """``python3 image_service_server.py`` in a child process on a free port."""
+    """``python3 image_service_server.py`` in a child process on a free port
+    (with ``credentials``, a channel to it that speaks TLS)."""
 
-    def __init__(self, tmp_path, env_overrides=(), *args):
+    def __init__(self, tmp_path, env_overrides=(), *args, credentials=None):
         self.port = closed_port()
         env = {**os.environ, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": str(self.port), **dict(env_overrides)}
         self.stderr_path = tmp_path / f"server-{self.port}.log"
@@ -200,7 +220,10 @@ class ServerProcess:
             self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT, *args], env=env, cwd=tmp_path,
                                             stdout=subprocess.DEVNULL, stderr=stderr)
         self.address = f"127.0.0.1:{self.port}"
-        self.channel = grpc.insecure_channel(self.address)
+        if credentials is None:
+            self.channel = grpc.insecure_channel(self.address)
+        else:
+            self.channel = grpc.secure_channel(self.address, credentials)
         grpc.channel_ready_future(self.channel).result(timeout=20)
         self.stub = pb2_grpc.ImageServiceStub(self.channel)
 
@@ -212,6 +235,35 @@ class ServerProcess:
         code = self.process.wait(timeout=20)
         self.channel.close()
         return code
+
+
+class FerretDB:
+    """A FerretDB process of a test's own (the binary scripts/with-ferretdb
+    built), on a free loopback port, storing in SQLite under ``folder``: it
+    can be stopped and started again, on the same port and data."""
+
+    def __init__(self, binary, folder):
+        self.binary = binary
+        self.folder = folder
+        self.port = closed_port()
+        self.uri = f"mongodb://127.0.0.1:{self.port}/"
+        (folder / "data").mkdir()
+        self.process = None
+        self.start()
+
+    def start(self):
+        self.process = subprocess.Popen(
+            [self.binary, "--handler=sqlite", f"--sqlite-url=file:{self.folder}/data/",
+             f"--state-dir={self.folder}", f"--listen-addr=127.0.0.1:{self.port}", "--debug-addr=-",
+             "--telemetry=disable", "--log-level=warn"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Server selection waits, bounded, until FerretDB accepts connections.
+        with pymongo.MongoClient(self.uri, serverSelectionTimeoutMS=20_000) as client:
+            client.admin.command("ping")
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=20)
 
 
 def delete_batch(stub_, model_ids, timeout=10, **kwargs):

@@ -950,13 +950,128 @@ def test_a_file_shared_by_thousands_of_images_costs_the_reference_check_one_row(
     assert sizes.documents["aggregate"] == [1, 1]
 
 
+CASE_INSENSITIVE = {"locale": "en", "strength": 2}
+
+
+def reads_of(wire, collection):
+    return [command for command in wire.commands
+            if collection in (command.get("find"), command.get("aggregate"))]
+
+
+class CommandNames(pymongo.monitoring.CommandListener):
+    """The name of every command pymongo sends."""
+
+    def __init__(self):
+        self.names = []
+
+    def started(self, event):
+        self.names.append(event.command_name)
+
+    def succeeded(self, event):
+        pass
+
+    def failed(self, event):
+        pass
+
+
+def delete_and_preview(wire, model_id, **client_options):
+    with serving_on(wire.async_client(**client_options)) as (stub_, _, _):
+        deleted = delete(stub_, model_id)
+        upload(wire.db, model_id)
+        preview = stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id=model_id, validate_only=True),
+                                             timeout=10)
+    return deleted, preview
+
+
 def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire):
+    wire.create_collection("images", collation=CASE_INSENSITIVE)
     upload(wire.db, "chair")
-    with serving_on(wire.async_client()) as (stub_, _, _):
-        delete(stub_, "chair")
-        stub_.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True), timeout=10)
-    reads = [command for command in wire.commands if "find" in command or "aggregate" in command]
+    delete_and_preview(wire, "chair")
+    reads = reads_of(wire, "images")
     assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
+
+
+def test_reads_name_no_collation_on_a_collection_whose_default_is_simple(wire):
+    wire.create_collection("images", collation={"locale": "simple"})
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    assert wire.commands and not any("collation" in command for command in wire.commands)
+
+
+def test_reads_name_no_collation_on_a_collection_created_without_one(wire):
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    assert wire.commands and not any("collation" in command for command in wire.commands)
+
+
+def test_reads_name_no_collation_on_a_server_that_does_not_implement_it(wire, service_log):
+    # FerretDB v1 answers NotImplemented (238) to a collation on find,
+    # aggregate and delete; a collection reported with one is read without.
+    wire.create_collection("images", collation=CASE_INSENSITIVE)
+    wire.unimplemented = {"collation"}
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    assert not any("collation" in command for command in wire.commands)
+    warnings = [record.getMessage() for record in service_log.records]
+    assert any("does not implement collation on reads of images" in warning for warning in warnings)
+
+
+def test_reads_name_no_collation_on_a_server_that_cannot_list_collections(wire):
+    wire.create_collection("images", collation=CASE_INSENSITIVE)
+    wire.refused["listCollections"] = (115, "CommandNotSupported", "no such command: 'listCollections'")
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    assert not any("collation" in command for command in wire.commands)
+
+
+def test_reads_name_the_simple_collation_when_the_user_may_not_list_collections(wire):
+    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    reads = reads_of(wire, "images")
+    assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
+
+
+def test_the_collation_is_decided_once(wire):
+    upload(wire.db, "chair")
+    upload(wire.db, "table")
+    sent = CommandNames()
+    with serving_on(wire.async_client(event_listeners=[sent])) as (stub_, _, _):
+        delete(stub_, "chair")
+        delete(stub_, "table")
+    assert sent.names.count("listCollections") == 1
+
+
+def test_the_collation_is_decided_again_while_the_images_collection_does_not_exist(wire):
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        nothing = delete(stub_, "chair")
+        wire.create_collection("images", collation=CASE_INSENSITIVE)
+        upload(wire.db, "chair")
+        delete(stub_, "chair")
+    assert nothing.outcome == pb2.OUTCOME_NOTHING_TO_DELETE
+    assert reads_of(wire, "images")[0].get("collation") is None
+    assert reads_of(wire, "images")[-1]["collation"] == {"locale": "simple"}
+
+
+def test_model_ids_are_compared_exactly_on_a_case_insensitive_collection(database, stub):
+    try:
+        database.create_collection("images", collation=CASE_INSENSITIVE)
+    except NotImplementedError:
+        pass  # mongomock keeps no collations: its collections compare exactly
+    except pymongo.errors.OperationFailure as refused:
+        # FerretDB v1 refuses a collection with a collation (NotImplemented):
+        # every collection there compares exactly, and so do its reads.
+        assert refused.code == 238
+    upload(database, "Chair")
+    upload(database, "chair")
+    reply = delete(stub, "chair")
+    assert (reply.success, reply.deleted_images) == (True, 1)
+    assert [image["model_id"] for image in images_of(database, "Chair")] == ["Chair"]
 
 
 def test_a_delete_stops_short_of_the_callers_deadline_so_its_reply_arrives(wire):
