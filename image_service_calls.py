@@ -9,6 +9,7 @@ per method). The server names their order in one place, ``start_server``:
 """
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -54,13 +55,16 @@ def request_id_of(metadata):
 
 @dataclasses.dataclass
 class Call:
-    """One call as its log line tells it; the servicer fills in ``summary``."""
+    """One call as its log line tells it; the servicer fills in ``summary``,
+    the text line's account of the reply. ``fields`` are the line's
+    structured fields (JSON keys), taken from the request and the reply."""
 
     method: str
     request_id: str
     peer: str
     model_ids: list = dataclasses.field(default_factory=list)
     summary: str = ""
+    fields: dict = dataclasses.field(default_factory=dict)
 
 
 CURRENT_CALL = contextvars.ContextVar("current_call")
@@ -75,9 +79,33 @@ def _model_ids_of(request):
     return []
 
 
+def _request_fields(request):
+    """What a request says, as structured fields of its log line."""
+    if isinstance(request, pb2.DeleteImageRequest):
+        return {"model_id": request.model_id, "dry_run": request.validate_only}
+    if isinstance(request, pb2.DeleteImagesRequest):
+        return {"models": len(request.model_ids), "model_ids": list(request.model_ids[:IDS_NAMED_IN_A_LINE]),
+                "dry_run": request.validate_only}
+    return {}
+
+
+def reply_fields(reply):
+    """What a reply says, as structured fields: a single delete's outcome,
+    or a batch's outcomes counted; the images and files removed."""
+    if isinstance(reply, pb2.DeleteImageResponse):
+        return {"outcome": pb2.Outcome.Name(reply.outcome), "deleted_images": reply.deleted_images,
+                "deleted_files": reply.deleted_files}
+    if isinstance(reply, pb2.DeleteImagesResponse):
+        outcomes = collections.Counter(pb2.Outcome.Name(result.outcome) for result in reply.results)
+        return {"outcomes": dict(outcomes), "deleted_images": sum(r.deleted_images for r in reply.results),
+                "deleted_files": sum(r.deleted_files for r in reply.results)}
+    return {}
+
+
 def _log_call(call, status, level, ms):
     """The call's one log line: method, status, request id, peer, the model
-    ids it named and what the servicer summed up."""
+    ids it named and what the servicer summed up; the same as structured
+    fields, for JSON lines."""
     if call.method == "DeleteImageByModelId" and call.model_ids:
         ids = f" model_id={quoted(call.model_ids[0])}"
     elif call.model_ids:
@@ -87,8 +115,10 @@ def _log_call(call, status, level, ms):
     summary = f" {call.summary}" if call.summary else ""
     if status != "OK" and not (status == "CANCELLED" and level == logging.DEBUG):
         level = logging.WARNING  # a refused or failed call; a probe that hung up is no news
+    fields = {"request_id": call.request_id, "method": call.method, "status": status, **call.fields,
+              "duration_ms": round(ms, 1), "peer": call.peer}
     log.log(level, "%s status=%s request_id=%s peer=%s%s%s ms=%.1f", call.method, status, call.request_id,
-            call.peer, ids, summary, ms)
+            call.peer, ids, summary, ms, extra=fields)
 
 
 class _Unparsable:
@@ -125,7 +155,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(request, context):
             request_id = request_id_of(context.invocation_metadata())
-            call = Call(method, request_id, context.peer(), _model_ids_of(request))
+            call = Call(method, request_id, context.peer(), _model_ids_of(request),
+                        fields=_request_fields(request))
             CURRENT_CALL.set(call)
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             started, status = time.monotonic(), "OK"
@@ -134,7 +165,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "the request body is not a valid message (bad bytes or invalid UTF-8)")
-                return await _run_behavior(_behavior_of(handler), request, context)
+                reply = await _run_behavior(_behavior_of(handler), request, context)
+                call.fields.update(reply_fields(reply))
+                return reply
             except asyncio.CancelledError:
                 # gRPC cancels a call whose deadline passed, as one whose caller hung up.
                 remaining = context.time_remaining()

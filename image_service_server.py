@@ -34,6 +34,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -58,6 +59,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_sweep as sweep
 from image_service_calls import CURRENT_CALL, Admission, BearerTokenInterceptor, CallInterceptor
+from image_service_console import SETTINGS_HELP, in_memory_hint, report_configuration_error, tool_failure
 from image_service_observability import (
     CommandTimer,
     Metrics,
@@ -75,10 +77,8 @@ from image_service_settings import (
     host_in_uri,
     load_config,
     read_environment,
-    redact,
 )
 from image_service_store import (
-    SAMPLE_MODELS,
     create_indexes,
     describe_indexes,
     gridfs_file_key,
@@ -594,9 +594,10 @@ class BackgroundServer:
             self._thread.join()
 
 
-async def serve(config, db, database_description, metrics):
+async def serve(config, db, database_description, metrics, hint=None):
     """Serves until SIGTERM or SIGINT, then drains (see RunningServer.stop);
-    a second signal during the drain exits at once."""
+    a second signal during the drain exits at once. ``hint(port)``, if
+    given, is logged once listening: what to try against the bound port."""
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -610,6 +611,8 @@ async def serve(config, db, database_description, metrics):
              tls, ", bearer tokens" if config.auth_tokens else "", database_description)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, running.metrics_port)
+    if hint:
+        log.info("%s", hint(running.port))
     await signals.get()
     log.info("shutting down: NOT_SERVING now, new calls accepted for %g s more, then calls in flight get"
              " up to %g s", config.shutdown_delay_s, config.shutdown_grace_s)
@@ -632,7 +635,10 @@ async def serve(config, db, database_description, metrics):
 
 def parse_arguments(argv):
     """The command line: serve (the default), or one of the operator's tools."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SETTINGS_HELP)
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read settings from PATH instead of ./.env, with the same rules (e.g. the"
+                             " systemd unit's /etc/image-service/env)")
     parser.add_argument("--in-memory", action="store_true",
                         help="serve an in-memory MongoDB stand-in holding sample images (no MongoDB needed)")
     parser.add_argument("--create-indexes", action="store_true",
@@ -650,8 +656,10 @@ def main(argv=None):
     args = parse_arguments(argv)
     serving = not (args.sweep_orphans or args.create_indexes)
     metrics = Metrics()
+    env = os.environ
     try:
-        config = load_config(read_environment())
+        env = read_environment(args.env_file or ".env", required=args.env_file is not None)
+        config = load_config(env)
         if serving:
             check_listen_address(config.grpc_host, config.grpc_port)
             if config.metrics_port is not None:
@@ -660,18 +668,17 @@ def main(argv=None):
         command_timer = CommandTimer(metrics.mongodb_command_duration)
         db, database_description = open_database(config, args.in_memory, [command_timer], serving)
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+        report_configuration_error(error, env)
         return 2
     configure_logging(config)
-    dotenv_warning = dotenv_permission_warning()
+    dotenv_warning = dotenv_permission_warning(args.env_file or ".env")
     if dotenv_warning:
         log.warning("%s", dotenv_warning)
     if args.create_indexes:
         try:
             create_indexes(db)
         except pymongo.errors.PyMongoError as error:
-            reason = redact(describe_failure(error), config.secrets)
-            print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
+            log.error("%s", tool_failure("cannot create the indexes", error, database_description))
             return 1
         print(f"indexes present on {database_description}: {describe_indexes()}")
         return 0
@@ -679,19 +686,16 @@ def main(argv=None):
         try:
             sweep.run_sweep(db, args)
         except pymongo.errors.PyMongoError as error:
-            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__,
-                      describe_failure(error))
+            failure = tool_failure("sweep failed, nothing more was changed", error, database_description)
+            log.error("%s", failure)
             log.debug("sweep: the driver said: %s", error)
             return 1
         return 0
-    if args.in_memory:
-        log.info("in-memory MongoDB stand-in with sample models %s; try: .venv/bin/python"
-                 " image_service_client.py %s --address 127.0.0.1:%d",
-                 ", ".join(SAMPLE_MODELS), next(iter(SAMPLE_MODELS)), config.grpc_port)
+    hint = functools.partial(in_memory_hint, config) if args.in_memory else None
     try:
-        asyncio.run(serve(config, db, database_description, metrics))
+        asyncio.run(serve(config, db, database_description, metrics, hint))
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+        report_configuration_error(error, env)
         return 2
     return 0
 
