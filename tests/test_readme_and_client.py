@@ -22,7 +22,7 @@ from concurrent import futures
 import grpc
 import pytest
 import trustme
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import image_service_client as client_cli
 import image_service_pb2 as pb2
@@ -341,8 +341,9 @@ def test_a_server_shutting_down_gets_no_tls_hint(capsys):
     finally:
         servicer.release.set()
         caller.join(10)
-    err = capsys.readouterr().err.strip()
+    request_id, err = capsys.readouterr().err.strip().splitlines()
     assert result["code"] == 3
+    assert request_id.startswith("request_id=")
     assert err.startswith("call failed: UNAVAILABLE:")
     assert TLS_HINT not in err and TLS_HANDSHAKE_HINT not in err
 
@@ -375,3 +376,125 @@ def test_the_health_check_prints_serving(capsys):
     finally:
         server.stop(None)
     assert (code, capsys.readouterr().out) == (0, "SERVING\n")
+
+
+class Refusing(pb2_grpc.ImageServiceServicer):
+    """Refuses every delete as a server wanting a token does; remembers the request ids sent."""
+
+    def __init__(self):
+        self.request_ids = []
+
+    def DeleteImageByModelId(self, request, context):
+        self.request_ids.append(dict(context.invocation_metadata()).get("x-request-id"))
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+def image_service(servicer):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_a_passed_deadline_prints_the_request_id_the_call_was_sent_with(capsys):
+    servicer = Hanging()
+    server, port = image_service(servicer)
+    try:
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "0.5"])
+    finally:
+        servicer.release.set()
+        server.stop(None)
+    request_id, failure = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert re.fullmatch(r"request_id=[0-9a-f]{32}", request_id)
+    assert failure == "call failed: DEADLINE_EXCEEDED: Deadline Exceeded (no answer within --timeout 0.5 s)"
+
+
+def test_the_request_id_printed_is_the_one_the_server_was_sent(capsys):
+    servicer = Refusing()
+    server, port = image_service(servicer)
+    try:
+        client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "5"])
+    finally:
+        server.stop(None)
+    request_id = capsys.readouterr().err.splitlines()[0]
+    assert servicer.request_ids == [request_id.removeprefix("request_id=")]
+
+
+@pytest.mark.parametrize("token, hint", [
+    (None, "(the server wants a token: pass --token or set IMAGE_SERVICE_TOKEN)"),
+    ("wrong-token-0123456789", "(the token given was not accepted: check --token or IMAGE_SERVICE_TOKEN)"),
+], ids=["no token", "a wrong token"])
+def test_unauthenticated_hints_at_the_token(capsys, token, hint):
+    server, port = image_service(Refusing())
+    try:
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "5",
+                                *(["--token", token] if token else [])])
+    finally:
+        server.stop(None)
+    failure = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3
+    assert failure == f"call failed: UNAUTHENTICATED: missing or invalid bearer token {hint}"
+    assert token is None or token not in failure
+
+
+def test_a_tls_client_against_a_plaintext_server_prints_its_one_line_and_no_grpc_core_line(certificates):
+    server, port = health_server()
+    try:
+        argv = [sys.executable, os.path.join(ROOT, "image_service_client.py"), "health",
+                "--address", f"localhost:{port}", "--tls-ca", certificates["ca"], "--timeout", "5"]
+        done = subprocess.run(argv, env=clean_environment(), capture_output=True, text=True, timeout=20)
+    finally:
+        server.stop(None)
+    assert done.returncode == 3
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("call failed: UNAVAILABLE:") and TLS_HANDSHAKE_HINT in line
+
+
+class WatchedHealth(health.HealthServicer):
+    """The standard health service, telling when a Watch has begun."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched = threading.Event()
+
+    def Watch(self, request, context, send_response_callback=None):
+        self.watched.set()
+        return super().Watch(request, context, send_response_callback)
+
+
+def test_wait_for_ready_waits_for_the_server_to_come_up_and_answer_serving(capsys):
+    port = free_port()
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(code=client_cli.main(
+        ["health", "--address", f"127.0.0.1:{port}", "--timeout", "10", "--wait-for-ready"])))
+    caller.start()  # nothing listens yet
+    servicer = WatchedHealth()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        assert servicer.watched.wait(10)
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        caller.join(10)
+    finally:
+        server.stop(None)
+    assert (result["code"], capsys.readouterr().out) == (0, "SERVING\n")
+
+
+def test_wait_for_ready_gives_up_at_the_timeout_with_the_last_status(capsys):
+    servicer = WatchedHealth()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = client_cli.main(["health", "--address", f"127.0.0.1:{port}", "--timeout", "0.5",
+                                "--wait-for-ready"])
+    finally:
+        server.stop(None)
+    assert (code, capsys.readouterr().out) == (1, "NOT_SERVING\n")

@@ -105,7 +105,9 @@ def test_the_client_reports_a_server_it_cannot_reach(capsys):
     code = client_cli.main(["chair", "--address", f"127.0.0.1:{closed_port()}", "--timeout", "1"])
     error = capsys.readouterr().err
     assert code == 3
-    assert error.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
+    request_id, failure = error.splitlines()
+    assert request_id.startswith("request_id=")
+    assert failure.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -138,20 +140,21 @@ def test_the_client_names_a_bad_timeout_in_its_environment_in_one_line(monkeypat
         "error: IMAGE_SERVICE_TIMEOUT must be a number of seconds above 0, got 'abc'"]
 
 
-def test_the_client_ends_on_ctrl_c_with_one_line_and_exit_code_130():
+def test_the_client_ends_on_ctrl_c_with_its_request_id_and_one_line_and_exit_code_130():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.settimeout(20)
         client = subprocess.Popen([sys.executable, os.path.join(HERE, "image_service_client.py"), "chair",
-                                   "--address", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
+                                   "--address", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60",
+                                   "--request-id", "ctrl-c-1"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         connection, _ = listener.accept()  # connected, and waiting for an answer that never comes
         with connection:
             client.send_signal(signal.SIGINT)
             _, err = client.communicate(timeout=20)
     assert client.returncode == 130
-    assert err.strip().splitlines() == ["interrupted"]
+    assert err.strip().splitlines() == ["request_id=ctrl-c-1", "interrupted"]
 
 
 def test_the_client_says_plainly_when_tls_settings_do_not_match(database, certificates, capsys):
