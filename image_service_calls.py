@@ -130,12 +130,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     one, returned in the trailing metadata), a request body that does not
     parse answered with INVALID_ARGUMENT and no traceback, and one log line
     with method, status, request id and peer. Health and reflection calls
-    log at DEBUG: probes would flood the log."""
+    log at DEBUG: probes would flood the log. ``call_observer(call, status)``,
+    if given, sees each call as it ends, before its line is written (tracing
+    adds the trace id to the line's fields)."""
 
     _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, call_duration):
+    def __init__(self, call_duration, call_observer=None):
         self._call_duration = call_duration
+        self._call_observer = call_observer
         self._wrapped = _WrappedHandlers(self._wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -183,6 +186,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 seconds = time.monotonic() - started
                 duration(status).observe(seconds)
+                if self._call_observer:
+                    self._call_observer(call, status)
                 _log_call(call, status, level, seconds * 1000)
 
         # A stream's messages are parsed as they come; a unary body here, safely.

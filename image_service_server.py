@@ -88,6 +88,7 @@ from image_service_store import (
     references_filter,
     stored_file_ids,
 )
+from image_service_tracing import TracingOff, start_tracing
 from image_service_turns import Turns, WaitingCall
 
 log = logging.getLogger("image_service")
@@ -529,17 +530,19 @@ def _server_credentials(config):
     )
 
 
-async def start_server(config, db, servicer=None, metrics=None):
+async def start_server(config, db, servicer=None, metrics=None, tracing=None):
     """Builds the server for ``db`` and starts it on the configured address
     (port 0 picks a free one), on the running event loop, with /metrics when
     METRICS_PORT is set. Returns it running; the caller stops it.
     ``servicer`` replaces the ImageService (the benchmark's no-op floor);
-    ``metrics`` is given when the MongoDB client already feeds it."""
+    ``metrics`` is given when the MongoDB client already feeds it;
+    ``tracing``, when on, puts its span around each call."""
     metrics = metrics or Metrics()
+    tracing = tracing or TracingOff()
     admission = Admission(config.max_concurrent_rpcs, metrics.calls_in_flight, SERVICE_NAME)
     # Outermost first: every call gets a request id and a log line, even one
     # refused for its token; only authorized ImageService calls are admitted.
-    interceptors = [CallInterceptor(metrics.call_duration)]
+    interceptors = [*tracing.interceptors, CallInterceptor(metrics.call_duration, tracing.call_observer)]
     if config.auth_tokens:
         interceptors.append(BearerTokenInterceptor(config.auth_tokens))
     interceptors.append(admission)
@@ -575,11 +578,11 @@ class BackgroundServer:
     """The server on an event loop of its own, in a thread: for embedding
     it in synchronous code (the tests, the benchmark, the load run)."""
 
-    def __init__(self, config, db, servicer=None, metrics=None):
+    def __init__(self, config, db, servicer=None, metrics=None, tracing=None):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._thread.start()
-        self.running = self.run(start_server(config, db, servicer, metrics))
+        self.running = self.run(start_server(config, db, servicer, metrics, tracing))
         self.port = self.running.port
 
     def run(self, coroutine, timeout_s=None):
@@ -594,7 +597,7 @@ class BackgroundServer:
             self._thread.join()
 
 
-async def serve(config, db, database_description, metrics, hint=None):
+async def serve(config, db, database_description, metrics, hint=None, tracing=None):
     """Serves until SIGTERM or SIGINT, then drains (see RunningServer.stop);
     a second signal during the drain exits at once. ``hint(port)``, if
     given, is logged once listening: what to try against the bound port."""
@@ -603,7 +606,7 @@ async def serve(config, db, database_description, metrics, hint=None):
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        running = await start_server(config, db, metrics=metrics)
+        running = await start_server(config, db, metrics=metrics, tracing=tracing)
     except RuntimeError as error:  # gRPC's way of saying it cannot listen
         raise ConfigError(f"GRPC_PORT: cannot listen on {config.grpc_host}:{config.grpc_port}") from error
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
@@ -665,8 +668,9 @@ def main(argv=None):
             if config.metrics_port is not None:
                 check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
                 check_listeners_apart(config)
-        command_timer = CommandTimer(metrics.mongodb_command_duration)
-        db, database_description = open_database(config, args.in_memory, [command_timer], serving)
+        tracing = start_tracing(env) if serving else TracingOff()
+        listeners = [CommandTimer(metrics.mongodb_command_duration), *tracing.command_listeners]
+        db, database_description = open_database(config, args.in_memory, listeners, serving)
     except ConfigError as error:
         report_configuration_error(error, env)
         return 2
@@ -693,10 +697,12 @@ def main(argv=None):
         return 0
     hint = functools.partial(in_memory_hint, config) if args.in_memory else None
     try:
-        asyncio.run(serve(config, db, database_description, metrics, hint))
+        asyncio.run(serve(config, db, database_description, metrics, hint, tracing))
     except ConfigError as error:
         report_configuration_error(error, env)
         return 2
+    finally:
+        tracing.shutdown()
     return 0
 
 

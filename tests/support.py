@@ -108,10 +108,11 @@ def delete_directly(db, model_ids, seconds=5, **options):
 
 
 @contextlib.contextmanager
-def serving(db, metrics=None, **settings_):
+def serving(db, metrics=None, tracing=None, **settings_):
     """The service on an ephemeral port, and a stub for it."""
     db = served_database(db)
-    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics)
+    running = server.BackgroundServer(dataclasses.replace(TEST_CONFIG, **settings_), db, metrics=metrics,
+                                      tracing=tracing)
     # The first ping (and index check) have passed before the test goes on.
     running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
     try:
@@ -150,9 +151,9 @@ def delete(stub_, model_id, **kwargs):
 
 
 @contextlib.contextmanager
-def serving_on(mongo_client, metrics=None, **settings_):
+def serving_on(mongo_client, metrics=None, tracing=None, **settings_):
     """The service on a pymongo AsyncMongoClient (closed after), and a stub for it."""
-    with serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
+    with serving(mongo_client["CatalogServiceDB"], metrics, tracing, **settings_) as served:
         yield served
 
 
