@@ -25,6 +25,9 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_replies.py``: which ids are refused, each model's account
   of a delete, and the reply messages and outcomes built from it;
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
+- ``image_service_console.py``: the command line's words (``--help``'s
+  settings, the in-memory hint, the tools' failures, configuration errors);
+- ``image_service_tracing.py``: opt-in OpenTelemetry tracing;
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
 Run ``.venv/bin/python image_service_server.py --help`` for the command line.
