@@ -1,7 +1,7 @@
 """Command-line client for the image service.
 
     .venv/bin/python image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT] [--dry-run]
-    .venv/bin/python image_service_client.py health [--address HOST:PORT]
+    .venv/bin/python image_service_client.py health [--address HOST:PORT] [--wait-for-ready]
 
 Several model ids go as one DeleteImagesByModelIds batch; one id uses
 DeleteImageByModelId, the call the catalog service makes. Each result is
