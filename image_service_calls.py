@@ -27,10 +27,11 @@ import image_service_pb2 as pb2
 log = logging.getLogger("image_service.calls")
 
 MAX_REQUEST_ID_LENGTH = 64
+LOGGED_ID_LENGTH = 80  # characters of a model id in a log line
 IDS_NAMED_IN_A_LINE = 5  # model ids named in a batch's log line
 
 
-def quoted(model_id, limit=80):
+def quoted(model_id, limit=LOGGED_ID_LENGTH):
     """A model id as it may appear in a log line: quoted, escaped, bounded."""
     return repr(model_id[:limit]) + ("..." if len(model_id) > limit else "")
 
@@ -80,16 +81,17 @@ def _model_ids_of(request):
 
 
 def _request_fields(request):
-    """What a request says, as structured fields of its log line."""
+    """What a request says, as structured fields of its log line; model
+    ids bounded as in the text line."""
     if isinstance(request, pb2.DeleteImageRequest):
-        return {"model_id": request.model_id, "dry_run": request.validate_only}
+        return {"model_id": request.model_id[:LOGGED_ID_LENGTH], "dry_run": request.validate_only}
     if isinstance(request, pb2.DeleteImagesRequest):
-        return {"models": len(request.model_ids), "model_ids": list(request.model_ids[:IDS_NAMED_IN_A_LINE]),
-                "dry_run": request.validate_only}
+        named = [model_id[:LOGGED_ID_LENGTH] for model_id in request.model_ids[:IDS_NAMED_IN_A_LINE]]
+        return {"models": len(request.model_ids), "model_ids": named, "dry_run": request.validate_only}
     return {}
 
 
-def reply_fields(reply):
+def _reply_fields(reply):
     """What a reply says, as structured fields: a single delete's outcome,
     or a batch's outcomes counted; the images and files removed."""
     if isinstance(reply, pb2.DeleteImageResponse):
@@ -169,7 +171,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "the request body is not a valid message (bad bytes or invalid UTF-8)")
                 reply = await _run_behavior(_behavior_of(handler), request, context)
-                call.fields.update(reply_fields(reply))
+                call.fields.update(_reply_fields(reply))
                 return reply
             except asyncio.CancelledError:
                 # gRPC cancels a call whose deadline passed, as one whose caller hung up.

@@ -567,3 +567,47 @@ def test_the_systemd_sections_tool_commands_read_the_units_environment_file(tmp_
     create_indexes, sweep = outputs
     assert create_indexes.startswith("indexes present on in-memory stand-in/FromUnitFile: ")
     assert "report only: nothing changed" in sweep
+
+
+class TraceReceiver:
+    """An OTLP/gRPC trace receiver on loopback, for the documented tracing command."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans = []
+        self.arrived = threading.Event()
+        receiver = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                receiver.spans += [span for resource in request.resource_spans
+                                   for scope in resource.scope_spans for span in scope.spans]
+                receiver.arrived.set()
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_the_documented_tracing_command_sends_a_span_per_call(tmp_path):
+    (command,) = [block for block in operating_blocks("Tracing") if "OTEL_EXPORTER_OTLP_ENDPOINT" in block]
+    receiver = TraceReceiver()
+    grpc_port = free_port()
+    script = with_this_checkout(command.replace("\\\n", " ")).replace(":4317", f":{receiver.port}")
+    env = clean_environment(GRPC_HOST="127.0.0.1", GRPC_PORT=str(grpc_port))
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_until_accepting(grpc_port, process)
+        code = client_cli.main(["sample-chair", "--address", f"127.0.0.1:{grpc_port}", "--timeout", "10"])
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        receiver.server.stop(None)
+    assert code == 0 and process.returncode == 0
+    assert receiver.arrived.is_set()
+    assert [span.name for span in receiver.spans] == ["/image_service.ImageService/DeleteImageByModelId"]
