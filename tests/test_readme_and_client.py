@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -520,6 +521,20 @@ def with_this_checkout(script):
                   script)
 
 
+def run_in_a_session_of_its_own(argv, cwd, timeout):
+    """Runs ``argv``; past ``timeout``, it and everything it started are killed (a server in the
+    background too), then the test fails."""
+    process = subprocess.Popen(argv, cwd=cwd, env=clean_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
 @pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("curl")),
                     reason="openssl or curl is not installed: the demo makes a certificate, reads /metrics")
 def test_the_operator_demo_runs_as_pasted_and_the_server_drains_on_kill(tmp_path):
@@ -530,8 +545,7 @@ def test_the_operator_demo_runs_as_pasted_and_the_server_drains_on_kill(tmp_path
     # command that fails ends the script, and the server with it.
     demo = (f"export GRPC_PORT={grpc_port}\nset -euo pipefail\ntrap 'kill %1 2>/dev/null || true' EXIT\n"
             f"{demo}\nkill %1\nwait %1\nrm -r \"$DEMO\"\n")
-    done = subprocess.run(["bash", "-c", demo], cwd=tmp_path, env=clean_environment(), capture_output=True,
-                          text=True, timeout=60)
+    done = run_in_a_session_of_its_own(["bash", "-c", demo], tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     out = done.stdout.splitlines()
     assert out[0] == "SERVING"

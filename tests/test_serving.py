@@ -710,8 +710,12 @@ def start_in_memory_on_port_0(tmp_path, **settings):
     with open(log_path, "w") as log:
         argv = [sys.executable, os.path.join(HERE, "image_service_server.py"), "--in-memory"]
         process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
-    wait_until(lambda: "try: " in log_path.read_text() or process.poll() is not None)
-    (hint,) = [line for line in log_path.read_text().splitlines() if "try: " in line]
+    try:
+        wait_until(lambda: "try: " in log_path.read_text() or process.poll() is not None)
+        (hint,) = [line for line in log_path.read_text().splitlines() if "try: " in line]
+    except BaseException:
+        process.kill()
+        raise
     return process, hint.partition("try: ")[2]
 
 
