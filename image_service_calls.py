@@ -9,6 +9,7 @@ per method). The server names their order in one place, ``start_server``:
 """
 
 import asyncio
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -26,10 +27,11 @@ import image_service_pb2 as pb2
 log = logging.getLogger("image_service.calls")
 
 MAX_REQUEST_ID_LENGTH = 64
+LOGGED_ID_LENGTH = 80  # characters of a model id in a log line
 IDS_NAMED_IN_A_LINE = 5  # model ids named in a batch's log line
 
 
-def quoted(model_id, limit=80):
+def quoted(model_id, limit=LOGGED_ID_LENGTH):
     """A model id as it may appear in a log line: quoted, escaped, bounded."""
     return repr(model_id[:limit]) + ("..." if len(model_id) > limit else "")
 
@@ -54,13 +56,16 @@ def request_id_of(metadata):
 
 @dataclasses.dataclass
 class Call:
-    """One call as its log line tells it; the servicer fills in ``summary``."""
+    """One call as its log line tells it; the servicer fills in ``summary``,
+    the text line's account of the reply. ``fields`` are the line's
+    structured fields (JSON keys), taken from the request and the reply."""
 
     method: str
     request_id: str
     peer: str
     model_ids: list = dataclasses.field(default_factory=list)
     summary: str = ""
+    fields: dict = dataclasses.field(default_factory=dict)
 
 
 CURRENT_CALL = contextvars.ContextVar("current_call")
@@ -75,9 +80,34 @@ def _model_ids_of(request):
     return []
 
 
+def _request_fields(request):
+    """What a request says, as structured fields of its log line; model
+    ids bounded as in the text line."""
+    if isinstance(request, pb2.DeleteImageRequest):
+        return {"model_id": request.model_id[:LOGGED_ID_LENGTH], "dry_run": request.validate_only}
+    if isinstance(request, pb2.DeleteImagesRequest):
+        named = [model_id[:LOGGED_ID_LENGTH] for model_id in request.model_ids[:IDS_NAMED_IN_A_LINE]]
+        return {"models": len(request.model_ids), "model_ids": named, "dry_run": request.validate_only}
+    return {}
+
+
+def _reply_fields(reply):
+    """What a reply says, as structured fields: a single delete's outcome,
+    or a batch's outcomes counted; the images and files removed."""
+    if isinstance(reply, pb2.DeleteImageResponse):
+        return {"outcome": pb2.Outcome.Name(reply.outcome), "deleted_images": reply.deleted_images,
+                "deleted_files": reply.deleted_files}
+    if isinstance(reply, pb2.DeleteImagesResponse):
+        outcomes = collections.Counter(pb2.Outcome.Name(result.outcome) for result in reply.results)
+        return {"outcomes": dict(outcomes), "deleted_images": sum(r.deleted_images for r in reply.results),
+                "deleted_files": sum(r.deleted_files for r in reply.results)}
+    return {}
+
+
 def _log_call(call, status, level, ms):
     """The call's one log line: method, status, request id, peer, the model
-    ids it named and what the servicer summed up."""
+    ids it named and what the servicer summed up; the same as structured
+    fields, for JSON lines."""
     if call.method == "DeleteImageByModelId" and call.model_ids:
         ids = f" model_id={quoted(call.model_ids[0])}"
     elif call.model_ids:
@@ -87,8 +117,10 @@ def _log_call(call, status, level, ms):
     summary = f" {call.summary}" if call.summary else ""
     if status != "OK" and not (status == "CANCELLED" and level == logging.DEBUG):
         level = logging.WARNING  # a refused or failed call; a probe that hung up is no news
+    fields = {"request_id": call.request_id, "method": call.method, "status": status, **call.fields,
+              "duration_ms": round(ms, 1), "peer": call.peer}
     log.log(level, "%s status=%s request_id=%s peer=%s%s%s ms=%.1f", call.method, status, call.request_id,
-            call.peer, ids, summary, ms)
+            call.peer, ids, summary, ms, extra=fields)
 
 
 class _Unparsable:
@@ -100,12 +132,15 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
     one, returned in the trailing metadata), a request body that does not
     parse answered with INVALID_ARGUMENT and no traceback, and one log line
     with method, status, request id and peer. Health and reflection calls
-    log at DEBUG: probes would flood the log."""
+    log at DEBUG: probes would flood the log. ``call_observer(call, status)``,
+    if given, sees each call as it ends, before its line is written (tracing
+    adds the trace id to the line's fields)."""
 
     _QUIET_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, call_duration):
+    def __init__(self, call_duration, call_observer=None):
         self._call_duration = call_duration
+        self._call_observer = call_observer
         self._wrapped = _WrappedHandlers(self._wrap)
 
     async def intercept_service(self, continuation, handler_call_details):
@@ -125,7 +160,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
 
         async def behavior(request, context):
             request_id = request_id_of(context.invocation_metadata())
-            call = Call(method, request_id, context.peer(), _model_ids_of(request))
+            call = Call(method, request_id, context.peer(), _model_ids_of(request),
+                        fields=_request_fields(request))
             CURRENT_CALL.set(call)
             context.set_trailing_metadata((("x-request-id", call.request_id),))
             started, status = time.monotonic(), "OK"
@@ -134,7 +170,9 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                     await context.abort(
                         grpc.StatusCode.INVALID_ARGUMENT,
                         "the request body is not a valid message (bad bytes or invalid UTF-8)")
-                return await _run_behavior(_behavior_of(handler), request, context)
+                reply = await _run_behavior(_behavior_of(handler), request, context)
+                call.fields.update(_reply_fields(reply))
+                return reply
             except asyncio.CancelledError:
                 # gRPC cancels a call whose deadline passed, as one whose caller hung up.
                 remaining = context.time_remaining()
@@ -150,6 +188,8 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
             finally:
                 seconds = time.monotonic() - started
                 duration(status).observe(seconds)
+                if self._call_observer:
+                    self._call_observer(call, status)
                 _log_call(call, status, level, seconds * 1000)
 
         # A stream's messages are parsed as they come; a unary body here, safely.

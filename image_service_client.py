@@ -1,11 +1,13 @@
 """Command-line client for the image service.
 
     .venv/bin/python image_service_client.py MODEL_ID [MODEL_ID ...] [--address HOST:PORT] [--dry-run]
-    .venv/bin/python image_service_client.py health [--address HOST:PORT]
+    .venv/bin/python image_service_client.py health [--address HOST:PORT] [--wait-for-ready]
 
 Several model ids go as one DeleteImagesByModelIds batch; one id uses
 DeleteImageByModelId, the call the catalog service makes. Each result is
-printed on its own line, and the call's request id on stderr. Exit codes:
+printed on its own line, and the call's request id on stderr, whatever
+becomes of the call (a new one is sent when --request-id is not given), so
+the call can be found in the server's log. Exit codes:
 0 all succeeded (or SERVING), 1 some failed (or NOT_SERVING), 2 bad usage,
 3 the call itself failed, 130 interrupted.
 
@@ -20,6 +22,12 @@ import argparse
 import os
 import re
 import sys
+import uuid
+
+# gRPC core's own log lines (a failed TLS handshake's, say) would come
+# before the client's one line: errors only, unless asked for. gRPC reads
+# this once, when it is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -87,7 +95,11 @@ def build_parser():
                         help="seconds before the call is abandoned, its deadline (default:"
                              f" $IMAGE_SERVICE_TIMEOUT, else {DEFAULT_TIMEOUT_S})")
     parser.add_argument("--dry-run", action="store_true", help="only say what would be deleted")
-    parser.add_argument("--request-id", help="sent as x-request-id, to find this call in the server's log")
+    parser.add_argument("--request-id", help="sent as x-request-id, to find this call in the server's log"
+                                             " (default: a new one, printed on stderr)")
+    parser.add_argument("--wait-for-ready", action="store_true",
+                        help="wait up to --timeout for the server to come up (health: to answer SERVING)"
+                             " instead of failing at once; for scripts that have just started it")
     return parser
 
 
@@ -122,36 +134,60 @@ def open_channel(args):
     return grpc.secure_channel(args.address, credentials)
 
 
-def check_health(channel, timeout):
-    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
-def delete_images(channel, model_ids, dry_run, timeout, metadata):
+def check_health(channel, timeout, wait_for_ready):
+    stub = health_pb2_grpc.HealthStub(channel)
+    if wait_for_ready:
+        status = _first_serving_status(stub, timeout)
+    else:
+        status = stub.Check(health_pb2.HealthCheckRequest(), timeout=timeout).status
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return 0 if status == SERVING else 1
+
+
+def _first_serving_status(stub, timeout):
+    """SERVING as soon as the server says so, within ``timeout``; else the
+    last status it gave. A server not up yet is waited for, not failed."""
+    updates = stub.Watch(health_pb2.HealthCheckRequest(), timeout=timeout, wait_for_ready=True)
+    status = None
+    try:
+        for update in updates:
+            status = update.status
+            if status == SERVING:
+                break
+    except grpc.RpcError as error:
+        if status is None or error.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        updates.cancel()
+    return status
+
+
+def delete_images(channel, model_ids, args, metadata):
     stub = pb2_grpc.ImageServiceStub(channel)
+    options = {"timeout": args.timeout, "metadata": metadata, "wait_for_ready": args.wait_for_ready}
     if len(model_ids) == 1:
         reply, call = stub.DeleteImageByModelId.with_call(
-            pb2.DeleteImageRequest(model_id=model_ids[0], validate_only=dry_run),
-            timeout=timeout, metadata=metadata)
+            pb2.DeleteImageRequest(model_id=model_ids[0], validate_only=args.dry_run), **options)
         results = [reply]
     else:
         reply, call = stub.DeleteImagesByModelIds.with_call(
-            pb2.DeleteImagesRequest(model_ids=model_ids, validate_only=dry_run),
-            timeout=timeout, metadata=metadata)
+            pb2.DeleteImagesRequest(model_ids=model_ids, validate_only=args.dry_run), **options)
         results = reply.results
-    print_request_id(call)
+    print_request_id(call, metadata)
     for result in results:
         print(f"{result.model_id}\t{'ok' if result.success else 'FAILED'}\t{pb2.Outcome.Name(result.outcome)}"
               f"\timages={result.deleted_images}\tfiles={result.deleted_files}\t{result.message}")
     return 0 if all(result.success for result in results) else 1
 
 
-def print_request_id(call):
-    request_id = dict(call.trailing_metadata() or ()).get("x-request-id")
-    if request_id:
-        print(f"request_id={request_id}", file=sys.stderr)
+def print_request_id(call, metadata):
+    """The request id the server answered with, else the one sent."""
+    answered = dict(call.trailing_metadata() or ()) if call is not None else {}
+    request_id = answered.get("x-request-id") or dict(metadata).get("x-request-id")
+    print(f"request_id={request_id}", file=sys.stderr)
 
 
 TLS_HINT_PLAINTEXT = " (if the server serves TLS, pass --tls-ca)"
@@ -184,6 +220,9 @@ def explain(error, args):
             line += f" (nothing listens at {args.address}: is the server running there?)"
     elif error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         line += f" (no answer within --timeout {args.timeout:g} s)"
+    elif error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        line += (" (the token given was not accepted: check --token or IMAGE_SERVICE_TOKEN)" if args.token
+                 else " (the server wants a token: pass --token or set IMAGE_SERVICE_TOKEN)")
     return line
 
 
@@ -193,22 +232,26 @@ def main(argv=None):
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    metadata = [("x-request-id", args.request_id)] if args.request_id else []
+    deleting = args.model_ids != ["health"]
+    metadata = [("x-request-id", args.request_id or uuid.uuid4().hex)]
     if args.token:
         metadata.append(("authorization", f"Bearer {args.token}"))
     try:
         with open_channel(args) as channel:
-            if args.model_ids == ["health"]:
-                return check_health(channel, args.timeout)
-            return delete_images(channel, args.model_ids, args.dry_run, args.timeout, metadata or None)
+            if not deleting:
+                return check_health(channel, args.timeout, args.wait_for_ready)
+            return delete_images(channel, args.model_ids, args, metadata)
     except grpc.RpcError as error:
-        print_request_id(error)
+        if deleting:
+            print_request_id(error, metadata)
         print(explain(error, args), file=sys.stderr)
         return 3
     except OSError as error:
         print(f"cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if deleting:
+            print_request_id(None, metadata)
         print("interrupted", file=sys.stderr)
         return 130
 

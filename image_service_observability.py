@@ -22,6 +22,7 @@ import wsgiref.simple_server
 import prometheus_client
 import pymongo
 import pymongo.monitoring
+import pythonjsonlogger.json
 from grpc_health.v1 import health_pb2
 
 import image_service_pb2 as pb2
@@ -242,19 +243,26 @@ def _first_line(error, limit=300):
     return text[:limit] + ("..." if len(text) > limit else "")
 
 
-class _JsonFormatter(logging.Formatter):
-    """One JSON object per line, for log pipelines."""
+def json_formatter():
+    """One JSON object per line, for log pipelines: ``time`` (ISO 8601, UTC),
+    ``level``, ``logger``, ``message``, and each structured field a line
+    was logged with (``extra=``; a call's request id, status, outcome...)
+    as a key of its own."""
+    return pythonjsonlogger.json.JsonFormatter(
+        "{levelname}{name}{message}", style="{", timestamp="time", json_ensure_ascii=False,
+        rename_fields={"levelname": "level", "name": "logger", "exc_info": "exception"})
+
+
+class _TextFormatter(logging.Formatter):
+    """Today's text line; a call traced adds its ``trace_id`` at the end."""
+
+    def __init__(self):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record):
-        entry = {
-            "time": self.formatTime(record),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+        line = super().format(record)
+        trace_id = getattr(record, "trace_id", None)
+        return f"{line} trace_id={trace_id}" if trace_id else line
 
 
 class _RedactingFormatter(logging.Formatter):
@@ -273,8 +281,7 @@ class _RedactingFormatter(logging.Formatter):
 def configure_logging(config, stream=None):
     """Text (default) or JSON lines on stderr, never showing a secret; LOG_LEVEL
     for the service's loggers, at most INFO's detail for the libraries'."""
-    inner = (_JsonFormatter() if config.log_format == "json"
-             else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    inner = json_formatter() if config.log_format == "json" else _TextFormatter()
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(_RedactingFormatter(inner, config.secrets))
     # Only the service's own loggers follow LOG_LEVEL down to DEBUG: the

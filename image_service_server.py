@@ -25,6 +25,9 @@ command line. The rest lives beside it, one concern a file:
 - ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
 - ``image_service_background.py``: the server in a thread of its own, for
   the tests, the benchmark and the load run;
+- ``image_service_console.py``: the command line's words (``--help``'s
+  settings, the in-memory hint, the tools' failures, configuration errors);
+- ``image_service_tracing.py``: opt-in OpenTelemetry tracing;
 - ``image_service_pb2*.py``: generated from ``image_service.proto``.
 
 Run ``.venv/bin/python image_service_server.py --help`` for the command line.
@@ -34,6 +37,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -56,6 +60,7 @@ import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
 import image_service_sweep as sweep
 from image_service_calls import CURRENT_CALL, Admission, BearerTokenInterceptor, CallInterceptor
+from image_service_console import SETTINGS_HELP, in_memory_hint, report_configuration_error, tool_failure
 from image_service_observability import (
     CommandTimer,
     Metrics,
@@ -73,10 +78,8 @@ from image_service_settings import (
     host_in_uri,
     load_config,
     read_environment,
-    redact,
 )
 from image_service_store import (
-    SAMPLE_MODELS,
     create_indexes,
     describe_indexes,
     in_batches,
@@ -86,6 +89,7 @@ from image_service_store import (
     references_filter,
     stored_file_ids,
 )
+from image_service_tracing import TracingOff, start_tracing
 
 log = logging.getLogger("image_service")
 
@@ -453,17 +457,19 @@ def _server_credentials(config):
     )
 
 
-async def start_server(config, db, servicer=None, metrics=None):
+async def start_server(config, db, servicer=None, metrics=None, tracing=None):
     """Builds the server for ``db`` and starts it on the configured address
     (port 0 picks a free one), on the running event loop, with /metrics when
     METRICS_PORT is set. Returns it running; the caller stops it.
     ``servicer`` replaces the ImageService (the benchmark's no-op floor);
-    ``metrics`` is given when the MongoDB client already feeds it."""
+    ``metrics`` is given when the MongoDB client already feeds it;
+    ``tracing``, when on, puts its span around each call."""
     metrics = metrics or Metrics()
+    tracing = tracing or TracingOff()
     admission = Admission(config.max_concurrent_rpcs, metrics.calls_in_flight, SERVICE_NAME)
     # Outermost first: every call gets a request id and a log line, even one
     # refused for its token; only authorized ImageService calls are admitted.
-    interceptors = [CallInterceptor(metrics.call_duration)]
+    interceptors = [*tracing.interceptors, CallInterceptor(metrics.call_duration, tracing.call_observer)]
     if config.auth_tokens:
         interceptors.append(BearerTokenInterceptor(config.auth_tokens))
     interceptors.append(admission)
@@ -496,15 +502,16 @@ async def start_server(config, db, servicer=None, metrics=None):
     return RunningServer(server, port, health_servicer, monitor, admission, deletions, endpoint)
 
 
-async def serve(config, db, database_description, metrics):
+async def serve(config, db, database_description, metrics, hint=None, tracing=None):
     """Serves until SIGTERM or SIGINT, then drains (see RunningServer.stop);
-    a second signal during the drain exits at once."""
+    a second signal during the drain exits at once. ``hint(port)``, if
+    given, is logged once listening: what to try against the bound port."""
     loop = asyncio.get_running_loop()
     signals = asyncio.Queue()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, signals.put_nowait, signum)
     try:
-        running = await start_server(config, db, metrics=metrics)
+        running = await start_server(config, db, metrics=metrics, tracing=tracing)
     except RuntimeError as error:  # gRPC's way of saying it cannot listen
         raise ConfigError(f"GRPC_PORT: cannot listen on {config.grpc_host}:{config.grpc_port}") from error
     tls = "mTLS" if config.tls_client_ca else "TLS" if config.tls_cert else "plaintext"
@@ -512,6 +519,8 @@ async def serve(config, db, database_description, metrics):
              tls, ", bearer tokens" if config.auth_tokens else "", database_description)
     if running.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", config.metrics_host, running.metrics_port)
+    if hint:
+        log.info("%s", hint(running.port))
     await signals.get()
     log.info("shutting down: NOT_SERVING now, new calls accepted for %g s more, then calls in flight get"
              " up to %g s", config.shutdown_delay_s, config.shutdown_grace_s)
@@ -534,7 +543,10 @@ async def serve(config, db, database_description, metrics):
 
 def parse_arguments(argv):
     """The command line: serve (the default), or one of the operator's tools."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=SETTINGS_HELP)
+    parser.add_argument("--env-file", metavar="PATH",
+                        help="read settings from PATH instead of ./.env, with the same rules (e.g. the"
+                             " systemd unit's /etc/image-service/env)")
     parser.add_argument("--in-memory", action="store_true",
                         help="serve an in-memory MongoDB stand-in holding sample images (no MongoDB needed)")
     parser.add_argument("--create-indexes", action="store_true",
@@ -552,28 +564,30 @@ def main(argv=None):
     args = parse_arguments(argv)
     serving = not (args.sweep_orphans or args.create_indexes)
     metrics = Metrics()
+    env = os.environ
     try:
-        config = load_config(read_environment())
+        env = read_environment(args.env_file or ".env", required=args.env_file is not None)
+        config = load_config(env)
         if serving:
             check_listen_address(config.grpc_host, config.grpc_port)
             if config.metrics_port is not None:
                 check_listen_address(config.metrics_host, config.metrics_port, prefix="METRICS")
                 check_listeners_apart(config)
-        command_timer = CommandTimer(metrics.mongodb_command_duration)
-        db, database_description = open_database(config, args.in_memory, [command_timer], serving)
+        tracing = start_tracing(env) if serving else TracingOff()
+        listeners = [CommandTimer(metrics.mongodb_command_duration), *tracing.command_listeners]
+        db, database_description = open_database(config, args.in_memory, listeners, serving)
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+        report_configuration_error(error, env)
         return 2
     configure_logging(config)
-    dotenv_warning = dotenv_permission_warning()
+    dotenv_warning = dotenv_permission_warning(args.env_file or ".env")
     if dotenv_warning:
         log.warning("%s", dotenv_warning)
     if args.create_indexes:
         try:
             created = create_indexes(db)
         except pymongo.errors.PyMongoError as error:
-            reason = redact(describe_failure(error), config.secrets)
-            print(f"cannot create the indexes: {type(error).__name__}: {reason}", file=sys.stderr)
+            log.error("%s", tool_failure("cannot create the indexes", error, database_description))
             return 1
         print(f"indexes present on {database_description}: {describe_indexes()};"
               f" created: {describe_indexes(created) or 'none, all were there'}")
@@ -582,20 +596,19 @@ def main(argv=None):
         try:
             sweep.run_sweep(db, args)
         except pymongo.errors.PyMongoError as error:
-            log.error("sweep failed, nothing more was changed: %s: %s", type(error).__name__,
-                      describe_failure(error))
+            failure = tool_failure("sweep failed, nothing more was changed", error, database_description)
+            log.error("%s", failure)
             log.debug("sweep: the driver said: %s", error)
             return 1
         return 0
-    if args.in_memory:
-        log.info("in-memory MongoDB stand-in with sample models %s; try: .venv/bin/python"
-                 " image_service_client.py %s --address 127.0.0.1:%d",
-                 ", ".join(SAMPLE_MODELS), next(iter(SAMPLE_MODELS)), config.grpc_port)
+    hint = functools.partial(in_memory_hint, config) if args.in_memory else None
     try:
-        asyncio.run(serve(config, db, database_description, metrics))
+        asyncio.run(serve(config, db, database_description, metrics, hint, tracing))
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
+        report_configuration_error(error, env)
         return 2
+    finally:
+        tracing.shutdown()
     return 0
 
 

@@ -18,8 +18,8 @@ import socket
 import ssl
 import urllib.parse
 
-import dotenv
 import dotenv.parser
+import dotenv.variables
 import pymongo.uri_parser
 
 
@@ -222,18 +222,35 @@ def parse_mongo_uri(uri):
 def describe_database(config):
     """Where the data lives, for logs: scheme, hosts and name, no credentials."""
     parsed = parse_mongo_uri(config.mongo_uri)
-    hosts = ",".join(host_in_uri(host) + ("" if port is None else f":{port}")
-                     for host, port in parsed["nodelist"])
+    if parsed["scheme"] == "mongodb+srv":  # one DNS name; the driver looks up the hosts and ports
+        hosts = ",".join(host_in_uri(host) for host, _ in parsed["nodelist"])
+    else:
+        hosts = ",".join(f"{host_in_uri(host)}:{port}" for host, port in parsed["nodelist"])
     return f"{parsed['scheme']}://{hosts}/{config.mongo_db}"
 
 
-def _database_name(env):
+def _check_database_name(name, variable):
     """MongoDB's rules for a database name (the stricter, portable ones)."""
-    name = _text(env, "MONGO_DB", Config.mongo_db)
     if len(name.encode()) >= 64 or re.search(r'[/\\. "$*<>:|?\x00]', name):
-        raise ConfigError(f"MONGO_DB must be under 64 bytes with none of / \\ . \" $ * < > : | ? or a space,"
-                          f" got {name[:80]!r}")
+        raise ConfigError(f"{variable} must be under 64 bytes with none of / \\ . \" $ * < > : | ? or a"
+                          f" space, got {name[:80]!r}")
     return name
+
+
+def _database_name(env, parsed_uri):
+    """MONGO_DB, else the database MONGO_URI names, else the default. Both
+    naming one, and different ones, stops start-up: serving the wrong
+    database must not depend on which of the two was looked at."""
+    named = _text(env, "MONGO_DB")
+    in_uri = parsed_uri["database"] if _text(env, "MONGO_URI") else None
+    if named and in_uri and named != in_uri:
+        raise ConfigError(f"MONGO_DB is {named[:80]!r} but MONGO_URI names the database {in_uri[:80]!r};"
+                          " unset MONGO_DB, or make the two the same")
+    if named:
+        return _check_database_name(named, "MONGO_DB")
+    if in_uri:
+        return _check_database_name(in_uri, "MONGO_URI's database")
+    return Config.mongo_db
 
 
 def load_config(env):
@@ -241,7 +258,7 @@ def load_config(env):
     # The password, of any length: the database administrator chooses it, not this service.
     password = _text(env, "MONGO_PASSWORD")
     mongo_uri = build_mongo_uri(env)
-    parse_mongo_uri(mongo_uri)
+    parsed_uri = parse_mongo_uri(mongo_uri)
     cert, key = _file_bytes(env, "GRPC_TLS_CERT"), _file_bytes(env, "GRPC_TLS_KEY")
     client_ca = _file_bytes(env, "GRPC_TLS_CLIENT_CA")
     if (cert is None) != (key is None):
@@ -254,7 +271,7 @@ def load_config(env):
     secrets = (password, urllib.parse.quote_plus(password)) if password else ()
     return Config(
         mongo_uri=mongo_uri,
-        mongo_db=_database_name(env),
+        mongo_db=_database_name(env, parsed_uri),
         mongo_timeout_s=_number(env, "MONGO_TIMEOUT_MS", Config.mongo_timeout_s * 1000, 1, 600_000) / 1000,
         grpc_host=_text(env, "GRPC_HOST", Config.grpc_host),
         grpc_port=_number(env, "GRPC_PORT", Config.grpc_port, 0, 65535),
@@ -279,20 +296,53 @@ def load_config(env):
     )
 
 
-def _check_dotenv_comments(dotenv_path):
+def _dotenv_bindings(dotenv_path, required):
+    """The ``NAME=value`` lines of a ``.env`` file as python-dotenv parses
+    them; none when the file is missing and not ``required``."""
+    try:
+        with open(dotenv_path, encoding="utf-8") as file:
+            return [binding for binding in dotenv.parser.parse_stream(file) if binding.key is not None]
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"--env-file: cannot read {dotenv_path}: no such file") from None
+        return []
+    except OSError as error:
+        raise ConfigError(f"--env-file: cannot read {dotenv_path}: {error.strerror}") from None
+
+
+def _raw_value(binding):
+    """The value as written, quotes and all."""
+    return binding.original.string.partition("=")[2].strip()
+
+
+def _check_dotenv_comments(dotenv_path, bindings):
     """Refuses a ``.env`` value that python-dotenv cuts at an unquoted `` #``
     (the rest reads as a comment): a password cut there fails far from here,
     or not at all. Inline comments are lost too; a line of their own keeps them."""
-    with contextlib.suppress(FileNotFoundError), open(dotenv_path, encoding="utf-8") as file:
-        for binding in dotenv.parser.parse_stream(file):
-            if binding.key is None or binding.value is None:
-                continue
-            raw = binding.original.string.partition("=")[2].strip()
-            if not raw.startswith(("'", '"')) and raw != binding.value:
-                raise ConfigError(
-                    f"{binding.key} in {dotenv_path} (line {binding.original.line}): an unquoted ' #' starts"
-                    f" a comment, so the value is cut there; quote the value ({binding.key}='...') or put"
-                    " the comment on a line of its own")
+    for binding in bindings:
+        raw = _raw_value(binding)
+        if binding.value is not None and not raw.startswith(("'", '"')) and raw != binding.value:
+            raise ConfigError(
+                f"{binding.key} in {dotenv_path} (line {binding.original.line}): an unquoted ' #' starts"
+                f" a comment, so the value is cut there; quote the value ({binding.key}='...') or put"
+                " the comment on a line of its own")
+
+
+def _dotenv_values(bindings):
+    """Each variable's value. A single-quoted value is taken literally, as
+    a shell and systemd's ``EnvironmentFile=`` take it; in an unquoted or
+    double-quoted one, ``${NAME}`` (or ``${NAME:-default}``) is replaced by
+    NAME from the lines above, else from the environment, as python-dotenv
+    does (which would expand inside single quotes too)."""
+    values = {}
+    for binding in bindings:
+        if binding.value is None or _raw_value(binding).startswith("'"):
+            values[binding.key] = binding.value
+            continue
+        known = {**os.environ, **values}
+        values[binding.key] = "".join(atom.resolve(known)
+                                      for atom in dotenv.variables.parse_variables(binding.value))
+    return values
 
 
 def dotenv_permission_warning(dotenv_path=".env"):
@@ -308,16 +358,18 @@ def dotenv_permission_warning(dotenv_path=".env"):
     return f"{path} is open to group or others (mode {mode:04o}) and may hold passwords: chmod 600 {path}"
 
 
-def read_environment(dotenv_path=".env"):
-    """The process environment over the values of a ``.env`` file, if any.
-    A variable exported empty while ``.env`` gives it a value is refused: it
-    would silently turn that value back into the default. So is a value cut
-    at an unquoted `` #``."""
-    _check_dotenv_comments(dotenv_path)
-    from_file = dotenv.dotenv_values(dotenv_path)
+def read_environment(dotenv_path=".env", required=False):
+    """The process environment over the values of a ``.env`` file (or the
+    file ``--env-file`` names, which must exist). A variable exported empty
+    while the file gives it a value is refused: it would silently turn that
+    value back into the default. So is a value cut at an unquoted `` #``."""
+    bindings = _dotenv_bindings(dotenv_path, required)
+    _check_dotenv_comments(dotenv_path, bindings)
+    from_file = _dotenv_values(bindings)
+    where = ".env" if os.path.basename(dotenv_path) == ".env" else dotenv_path
     for name, value in os.environ.items():
         if value == "" and from_file.get(name):
-            raise ConfigError(f"{name} is exported empty, which would hide its value in .env;"
+            raise ConfigError(f"{name} is exported empty, which would hide its value in {where};"
                               " unset it or give it a value")
     return {**from_file, **os.environ}
 

@@ -408,12 +408,17 @@ def health_under_saturation(checks=200, bound=20):
     with child_server("delete", latency_ms=3_600_000, max_concurrent_rpcs=bound) as (_, stub, channel):
         hung = [stub.DeleteImageByModelId.future(pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=120)
                 for i in range(bound)]
-        while True:  # Until one more delete is shed: the bound is full.
+        for _ in range(100):  # Until one more delete is shed: the bound is full.
             try:
                 stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="one-more"), timeout=0.5)
             except grpc.RpcError as error:
                 if error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     break
+            # A hung delete shed because the probe raced ahead of it: send it again.
+            hung = [call if not call.done() else stub.DeleteImageByModelId.future(
+                pb2.DeleteImageRequest(model_id=f"m{i}"), timeout=120) for i, call in enumerate(hung)]
+        else:
+            raise RuntimeError("the admission bound never filled up: 100 probes were not shed")
         check = health_pb2_grpc.HealthStub(channel).Check
         latencies, refused = [], collections.Counter()
         for _ in range(checks):

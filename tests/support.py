@@ -148,14 +148,14 @@ def delete_before(db, model_ids, deadline, **options):
 
 
 @contextlib.contextmanager
-def serving(db, metrics=None, round_size=server.ROUND_SIZE, **settings_):
+def serving(db, metrics=None, tracing=None, round_size=server.ROUND_SIZE, **settings_):
     """The service on an ephemeral port, deleting in rounds of ``round_size``, and a stub for it."""
     db = served_database(db)
     config = dataclasses.replace(TEST_CONFIG, **settings_)
     metrics = metrics or Metrics()
     servicer = server.ImageServiceServicer(db, config.mongo_timeout_s, config.max_concurrent_deletions,
                                            metrics, round_size)
-    running = BackgroundServer(server.start_server(config, db, servicer, metrics))
+    running = BackgroundServer(server.start_server(config, db, servicer, metrics, tracing))
     # The first ping (and index check) have passed before the test goes on.
     running.run(running.running.monitor.first_check_done.wait(), timeout_s=10)
     try:
@@ -196,9 +196,9 @@ def delete(stub_, model_id, **kwargs):
 
 
 @contextlib.contextmanager
-def serving_on(mongo_client, metrics=None, **settings_):
+def serving_on(mongo_client, metrics=None, tracing=None, **settings_):
     """The service on a pymongo AsyncMongoClient (closed after), and a stub for it."""
-    with serving(mongo_client["CatalogServiceDB"], metrics, **settings_) as served:
+    with serving(mongo_client["CatalogServiceDB"], metrics, tracing, **settings_) as served:
         yield served
 
 

@@ -12,6 +12,8 @@ import glob
 import os
 import re
 import shlex
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from concurrent import futures
 import grpc
 import pytest
 import trustme
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 import image_service_client as client_cli
 import image_service_pb2 as pb2
@@ -341,8 +343,9 @@ def test_a_server_shutting_down_gets_no_tls_hint(capsys):
     finally:
         servicer.release.set()
         caller.join(10)
-    err = capsys.readouterr().err.strip()
+    request_id, err = capsys.readouterr().err.strip().splitlines()
     assert result["code"] == 3
+    assert request_id.startswith("request_id=")
     assert err.startswith("call failed: UNAVAILABLE:")
     assert TLS_HINT not in err and TLS_HANDSHAKE_HINT not in err
 
@@ -375,3 +378,250 @@ def test_the_health_check_prints_serving(capsys):
     finally:
         server.stop(None)
     assert (code, capsys.readouterr().out) == (0, "SERVING\n")
+
+
+class Refusing(pb2_grpc.ImageServiceServicer):
+    """Refuses every delete as a server wanting a token does; remembers the request ids sent."""
+
+    def __init__(self):
+        self.request_ids = []
+
+    def DeleteImageByModelId(self, request, context):
+        self.request_ids.append(dict(context.invocation_metadata()).get("x-request-id"))
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token")
+
+
+def image_service(servicer):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb2_grpc.add_ImageServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, port
+
+
+def test_a_passed_deadline_prints_the_request_id_the_call_was_sent_with(capsys):
+    servicer = Hanging()
+    server, port = image_service(servicer)
+    try:
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "0.5"])
+    finally:
+        servicer.release.set()
+        server.stop(None)
+    request_id, failure = capsys.readouterr().err.strip().splitlines()
+    assert code == 3
+    assert re.fullmatch(r"request_id=[0-9a-f]{32}", request_id)
+    assert failure == "call failed: DEADLINE_EXCEEDED: Deadline Exceeded (no answer within --timeout 0.5 s)"
+
+
+def test_the_request_id_printed_is_the_one_the_server_was_sent(capsys):
+    servicer = Refusing()
+    server, port = image_service(servicer)
+    try:
+        client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "5"])
+    finally:
+        server.stop(None)
+    request_id = capsys.readouterr().err.splitlines()[0]
+    assert servicer.request_ids == [request_id.removeprefix("request_id=")]
+
+
+@pytest.mark.parametrize("token, hint", [
+    (None, "(the server wants a token: pass --token or set IMAGE_SERVICE_TOKEN)"),
+    ("wrong-token-0123456789", "(the token given was not accepted: check --token or IMAGE_SERVICE_TOKEN)"),
+], ids=["no token", "a wrong token"])
+def test_unauthenticated_hints_at_the_token(capsys, token, hint):
+    server, port = image_service(Refusing())
+    try:
+        code = client_cli.main(["chair", "--address", f"127.0.0.1:{port}", "--timeout", "5",
+                                *(["--token", token] if token else [])])
+    finally:
+        server.stop(None)
+    failure = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 3
+    assert failure == f"call failed: UNAUTHENTICATED: missing or invalid bearer token {hint}"
+    assert token is None or token not in failure
+
+
+def test_a_tls_client_against_a_plaintext_server_prints_its_one_line_and_no_grpc_core_line(certificates):
+    server, port = health_server()
+    try:
+        argv = [sys.executable, os.path.join(ROOT, "image_service_client.py"), "health",
+                "--address", f"localhost:{port}", "--tls-ca", certificates["ca"], "--timeout", "5"]
+        done = subprocess.run(argv, env=clean_environment(), capture_output=True, text=True, timeout=20)
+    finally:
+        server.stop(None)
+    assert done.returncode == 3
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith("call failed: UNAVAILABLE:") and TLS_HANDSHAKE_HINT in line
+
+
+class WatchedHealth(health.HealthServicer):
+    """The standard health service, telling when a Watch has begun."""
+
+    def __init__(self):
+        super().__init__()
+        self.watched = threading.Event()
+
+    def Watch(self, request, context, send_response_callback=None):
+        self.watched.set()
+        return super().Watch(request, context, send_response_callback)
+
+
+def test_wait_for_ready_waits_for_the_server_to_come_up_and_answer_serving(capsys):
+    port = free_port()
+    result = {}
+    caller = threading.Thread(target=lambda: result.update(code=client_cli.main(
+        ["health", "--address", f"127.0.0.1:{port}", "--timeout", "10", "--wait-for-ready"])))
+    caller.start()  # nothing listens yet
+    servicer = WatchedHealth()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    try:
+        assert servicer.watched.wait(10)
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        caller.join(10)
+    finally:
+        server.stop(None)
+    assert (result["code"], capsys.readouterr().out) == (0, "SERVING\n")
+
+
+def test_wait_for_ready_gives_up_at_the_timeout_with_the_last_status(capsys):
+    servicer = WatchedHealth()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        code = client_cli.main(["health", "--address", f"127.0.0.1:{port}", "--timeout", "0.5",
+                                "--wait-for-ready"])
+    finally:
+        server.stop(None)
+    assert (code, capsys.readouterr().out) == (1, "NOT_SERVING\n")
+
+
+# --- docs/operating.md's commands
+
+OPERATING = os.path.join(ROOT, "docs", "operating.md")
+
+
+def operating_blocks(heading):
+    """The ```bash blocks of docs/operating.md under ``heading`` (## or ###), as text."""
+    with open(OPERATING, encoding="utf-8") as file:
+        section = file.read().split(f"## {heading}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
+
+
+def with_this_checkout(script):
+    """A documented script run here: this python and this checkout's scripts."""
+    return re.sub(r"\.venv/bin/python (image_service_\w+\.py)",
+                  lambda match: f"{shlex.quote(sys.executable)} {shlex.quote(os.path.join(ROOT, match[1]))}",
+                  script)
+
+
+def run_in_a_session_of_its_own(argv, cwd, timeout):
+    """Runs ``argv``; past ``timeout``, it and everything it started are killed (a server in the
+    background too), then the test fails."""
+    process = subprocess.Popen(argv, cwd=cwd, env=clean_environment(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
+
+
+@pytest.mark.skipif(not (shutil.which("openssl") and shutil.which("curl")),
+                    reason="openssl or curl is not installed: the demo makes a certificate, reads /metrics")
+def test_the_operator_demo_runs_as_pasted_and_the_server_drains_on_kill(tmp_path):
+    demo = operating_blocks("The whole thing on one machine: TLS, a token, metrics")[0]
+    grpc_port, metrics_port = free_port(), free_port()
+    demo = with_this_checkout(demo).replace(":5014", f":{grpc_port}").replace("9464", str(metrics_port))
+    # As pasted, with the ports free here; then "To stop: kill %1 ..., then rm -r "$DEMO"". A
+    # command that fails ends the script, and the server with it.
+    demo = (f"export GRPC_PORT={grpc_port}\nset -euo pipefail\ntrap 'kill %1 2>/dev/null || true' EXIT\n"
+            f"{demo}\nkill %1\nwait %1\nrm -r \"$DEMO\"\n")
+    done = run_in_a_session_of_its_own(["bash", "-c", demo], tmp_path, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == "SERVING"
+    assert out[1].startswith("sample-chair\tok\tOUTCOME_DELETED\timages=2\tfiles=2\twould delete 2 images")
+    assert out[2].startswith("sample-chair\tok\tOUTCOME_DELETED\timages=2\tfiles=2\tdeleted 2 images")
+    assert out[3].startswith("sample-table\tok") and out[4].startswith("sample-lamp\tok")
+    assert "image_service_deletions_total{outcome=\"OUTCOME_DELETED\"} 3.0" in out
+    assert "request_id=demo-1" in done.stderr
+    assert "UNAVAILABLE" not in done.stderr
+
+
+def test_the_systemd_sections_tool_commands_read_the_units_environment_file(tmp_path):
+    (commands,) = [block for block in operating_blocks("On a VM, with systemd") if "--env-file" in block]
+    unit_file = tmp_path / "env"
+    with open(os.path.join(ROOT, ".env.example"), encoding="utf-8") as example:
+        settings = example.read()
+    # Written as the docs say systemd and .env both read: single-quoted where it holds $, # or spaces.
+    settings = settings.replace("MONGO_DB=\n", "MONGO_DB=FromUnitFile\n")
+    settings = settings.replace("MONGO_USER=\n", "MONGO_USER=catalog\n")
+    settings = settings.replace("MONGO_PASSWORD=\n", "MONGO_PASSWORD='pa ss#wo${rd}-0123456789'\n")
+    unit_file.write_text(settings)
+    unit_file.chmod(0o600)
+    outputs = []
+    for line in commands.splitlines():
+        if line.startswith("cd "):
+            continue
+        argv = shlex.split(with_this_checkout(line.removeprefix("sudo ")))
+        argv = [str(unit_file) if word == "/etc/image-service/env" else word for word in argv]
+        done = subprocess.run([*argv, "--in-memory"], cwd=tmp_path, env=clean_environment(),
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, (line, done.stderr)
+        outputs.append(done.stdout)
+    create_indexes, sweep = outputs
+    assert create_indexes.startswith("indexes present on in-memory stand-in/FromUnitFile: ")
+    assert "report only: nothing changed" in sweep
+
+
+class TraceReceiver:
+    """An OTLP/gRPC trace receiver on loopback, for the documented tracing command."""
+
+    def __init__(self):
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+
+        self.spans = []
+        self.arrived = threading.Event()
+        receiver = self
+
+        class TraceService(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):
+                receiver.spans += [span for resource in request.resource_spans
+                                   for scope in resource.scope_spans for span in scope.spans]
+                receiver.arrived.set()
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(TraceService(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+
+def test_the_documented_tracing_command_sends_a_span_per_call(tmp_path):
+    (command,) = [block for block in operating_blocks("Tracing") if "OTEL_EXPORTER_OTLP_ENDPOINT" in block]
+    receiver = TraceReceiver()
+    grpc_port = free_port()
+    script = with_this_checkout(command.replace("\\\n", " ")).replace(":4317", f":{receiver.port}")
+    env = clean_environment(GRPC_HOST="127.0.0.1", GRPC_PORT=str(grpc_port))
+    with open(tmp_path / "server.log", "w") as log:
+        process = subprocess.Popen(["bash", "-c", script], cwd=tmp_path, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        wait_until_accepting(grpc_port, process)
+        code = client_cli.main(["sample-chair", "--address", f"127.0.0.1:{grpc_port}", "--timeout", "10"])
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+        receiver.server.stop(None)
+    assert code == 0 and process.returncode == 0
+    assert receiver.arrived.is_set()
+    assert [span.name for span in receiver.spans] == ["/image_service.ImageService/DeleteImageByModelId"]

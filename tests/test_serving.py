@@ -104,7 +104,9 @@ def test_the_client_reports_a_server_it_cannot_reach(capsys):
     code = client_cli.main(["chair", "--address", f"127.0.0.1:{closed_port()}", "--timeout", "1"])
     error = capsys.readouterr().err
     assert code == 3
-    assert error.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
+    request_id, failure = error.splitlines()
+    assert request_id.startswith("request_id=")
+    assert failure.startswith(("call failed: UNAVAILABLE", "call failed: DEADLINE_EXCEEDED"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -137,20 +139,21 @@ def test_the_client_names_a_bad_timeout_in_its_environment_in_one_line(monkeypat
         "error: IMAGE_SERVICE_TIMEOUT must be a number of seconds above 0, got 'abc'"]
 
 
-def test_the_client_ends_on_ctrl_c_with_one_line_and_exit_code_130():
+def test_the_client_ends_on_ctrl_c_with_its_request_id_and_one_line_and_exit_code_130():
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen(1)
         listener.settimeout(20)
         client = subprocess.Popen([sys.executable, os.path.join(HERE, "image_service_client.py"), "chair",
-                                   "--address", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
+                                   "--address", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60",
+                                   "--request-id", "ctrl-c-1"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         connection, _ = listener.accept()  # connected, and waiting for an answer that never comes
         with connection:
             client.send_signal(signal.SIGINT)
             _, err = client.communicate(timeout=20)
     assert client.returncode == 130
-    assert err.strip().splitlines() == ["interrupted"]
+    assert err.strip().splitlines() == ["request_id=ctrl-c-1", "interrupted"]
 
 
 def test_the_client_says_plainly_when_tls_settings_do_not_match(database, certificates, capsys):
@@ -625,3 +628,119 @@ def test_thousands_of_concurrent_deletes_succeed_or_are_shed_and_memory_stays_fl
     assert report.errors == 0, report.results
     assert report.results["OK OUTCOME_DELETED"] == 300
     assert report.rss_growth_kib < 16 * 1024, f"resident memory grew {report.rss_growth_kib} KiB"
+
+
+def json_lines(text):
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_calls_json_line_carries_its_fields_as_keys_and_the_time_in_utc(tmp_path):
+    running = ServerProcess(tmp_path, {"LOG_FORMAT": "json"}, "--in-memory")
+    running.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="sample-chair"), timeout=10,
+                                      metadata=[("x-request-id", "json-1")])
+    assert running.stop() == 0
+    (line,) = [entry for entry in json_lines(running.log()) if entry.get("request_id") == "json-1"]
+    assert {key: line[key] for key in ("method", "status", "outcome", "deleted_images", "deleted_files",
+                                       "model_id", "dry_run")} == {
+        "method": "DeleteImageByModelId", "status": "OK", "outcome": "OUTCOME_DELETED", "deleted_images": 2,
+        "deleted_files": 2, "model_id": "sample-chair", "dry_run": False}
+    assert line["duration_ms"] > 0 and line["peer"].startswith("ipv4:127.0.0.1:")
+    assert line["time"].endswith("+00:00") and "T" in line["time"]
+    assert line["message"].startswith("DeleteImageByModelId status=OK request_id=json-1 peer=")
+
+
+def test_a_batchs_json_line_counts_its_outcomes(tmp_path):
+    running = ServerProcess(tmp_path, {"LOG_FORMAT": "json"}, "--in-memory")
+    running.stub.DeleteImagesByModelIds(pb2.DeleteImagesRequest(model_ids=["sample-table", "nothing-here"]),
+                                        timeout=10, metadata=[("x-request-id", "json-2")])
+    assert running.stop() == 0
+    (line,) = [entry for entry in json_lines(running.log()) if entry.get("request_id") == "json-2"]
+    assert (line["outcomes"], line["models"], line["model_ids"], line["deleted_images"]) == (
+        {"OUTCOME_DELETED": 1, "OUTCOME_NOTHING_TO_DELETE": 1}, 2, ["sample-table", "nothing-here"], 1)
+
+
+def test_a_refused_calls_json_line_has_its_status_and_no_outcome(tmp_path):
+    running = ServerProcess(tmp_path, {"LOG_FORMAT": "json", "GRPC_AUTH_TOKEN": "token-0123456789abcdef"},
+                            "--in-memory")
+    with pytest.raises(grpc.RpcError):
+        running.stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="sample-chair"), timeout=10,
+                                          metadata=[("x-request-id", "json-3")])
+    assert running.stop() == 0
+    (line,) = [entry for entry in json_lines(running.log()) if entry.get("request_id") == "json-3"]
+    assert (line["level"], line["status"], "outcome" in line) == ("WARNING", "UNAUTHENTICATED", False)
+
+
+def test_with_json_logs_every_start_up_and_shutdown_line_is_json(tmp_path):
+    running = ServerProcess(tmp_path, {"LOG_FORMAT": "json"}, "--in-memory")
+    wait_until(lambda: "try:" in running.log())
+    assert running.stop() == 0
+    messages = [entry["message"] for entry in json_lines(running.log())]
+    assert messages[0].startswith("serving image_service.ImageService on 127.0.0.1:")
+    assert messages[-1] == "stopped"
+
+
+def test_with_json_logs_a_configuration_error_is_one_json_line(tmp_path):
+    done = run_server_process({"LOG_FORMAT": "json", "MONGO_PORT": "abc"}, cwd=tmp_path)
+    assert done.returncode == 2
+    (entry,) = json_lines(done.stderr)
+    assert (entry["level"], entry["message"]) == (
+        "ERROR", "configuration error: MONGO_PORT must be a whole number from 1 to 65535, got 'abc'")
+    assert entry["time"].endswith("+00:00")
+
+
+def test_a_json_log_format_set_in_dotenv_applies_to_a_configuration_error_too(tmp_path):
+    (tmp_path / ".env").write_text("LOG_FORMAT=json\nGRPC_PORT=many\n")
+    (tmp_path / ".env").chmod(0o600)
+    done = run_server_process({}, cwd=tmp_path)
+    (entry,) = json_lines(done.stderr)
+    assert entry["message"].startswith("configuration error: GRPC_PORT must be a whole number")
+
+
+def test_the_server_help_says_where_settings_come_from(tmp_path):
+    done = run_server_process({}, "--help", cwd=tmp_path)
+    text = " ".join(done.stdout.split())
+    assert "--env-file PATH" in text
+    assert ("Settings come from the environment, then from a .env file in the working directory, or from"
+            " the file --env-file names; the environment wins. The README's Settings table and .env.example"
+            " list every one.") in text
+
+
+def start_in_memory_on_port_0(tmp_path, **settings):
+    """The in-memory server on GRPC_PORT=0; its process and the client command its hint gives."""
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "GRPC_HOST": "127.0.0.1", "GRPC_PORT": "0", **settings}
+    with open(log_path, "w") as log:
+        argv = [sys.executable, os.path.join(HERE, "image_service_server.py"), "--in-memory"]
+        process = subprocess.Popen(argv, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        wait_until(lambda: "try: " in log_path.read_text() or process.poll() is not None)
+        (hint,) = [line for line in log_path.read_text().splitlines() if "try: " in line]
+    except BaseException:
+        process.kill()
+        raise
+    return process, hint.partition("try: ")[2]
+
+
+def test_with_port_0_the_in_memory_hint_names_the_port_it_listens_on(tmp_path):
+    process, command = start_in_memory_on_port_0(tmp_path)
+    try:
+        argv = command.split()
+        assert argv[:3] == [".venv/bin/python", "image_service_client.py", "sample-chair"]
+        done = subprocess.run([sys.executable, os.path.join(HERE, argv[1]), *argv[2:], "--timeout", "10"],
+                              capture_output=True, text=True, timeout=20)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("sample-chair\tok\tOUTCOME_DELETED")
+
+
+def test_the_in_memory_hint_gives_the_tls_and_token_options_but_never_the_token(tmp_path, certificates):
+    token = "hint-token-0123456789"
+    process, command = start_in_memory_on_port_0(
+        tmp_path, GRPC_TLS_CERT=certificates["cert"], GRPC_TLS_KEY=certificates["key"], GRPC_AUTH_TOKEN=token)
+    process.terminate()
+    process.wait(10)
+    assert " --tls-ca CA.pem --token TOKEN (CA.pem: the CA that signed GRPC_TLS_CERT; TOKEN: one of" \
+           " GRPC_AUTH_TOKEN)" in command
+    assert token not in command

@@ -292,3 +292,57 @@ def test_the_deletions_limit_is_still_read_under_its_old_name():
     assert service_settings.load_config({"GRPC_MAX_WORKERS": "3"}).max_concurrent_deletions == 3
     both = {"GRPC_MAX_WORKERS": "3", "MAX_CONCURRENT_DELETIONS": "5"}
     assert service_settings.load_config(both).max_concurrent_deletions == 5
+
+
+def test_a_single_quoted_dotenv_value_is_taken_literally(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", "/root")
+    (tmp_path / ".env").write_text("MONGO_PASSWORD='a${HOME}b$c'\n")
+    assert service_settings.read_environment(tmp_path / ".env")["MONGO_PASSWORD"] == "a${HOME}b$c"
+
+
+@pytest.mark.parametrize("line", ['MONGO_HOST=${DB_NAME}.internal', 'MONGO_HOST="${DB_NAME}.internal"'],
+                         ids=["unquoted", "double-quoted"])
+def test_an_unquoted_or_double_quoted_dotenv_value_expands_a_name_from_the_lines_above(tmp_path, line):
+    (tmp_path / ".env").write_text(f"DB_NAME=db7\n{line}\n")
+    assert service_settings.read_environment(tmp_path / ".env")["MONGO_HOST"] == "db7.internal"
+
+
+def test_the_database_named_in_mongo_uri_is_used_when_mongo_db_is_unset():
+    config = service_settings.load_config({"MONGO_URI": "mongodb://db1/otherdb?authSource=admin"})
+    assert config.mongo_db == "otherdb"
+    assert service_settings.describe_database(config) == "mongodb://db1:27017/otherdb"
+
+
+def test_mongo_db_naming_the_database_in_mongo_uri_too_is_accepted():
+    config = service_settings.load_config({"MONGO_URI": "mongodb://db1/otherdb", "MONGO_DB": "otherdb"})
+    assert config.mongo_db == "otherdb"
+
+
+def test_mongo_db_and_another_database_in_mongo_uri_stop_start_up_with_one_line_naming_both(tmp_path):
+    done = run_server_process({"MONGO_URI": "mongodb://127.0.0.1/otherdb", "MONGO_DB": "CatalogServiceDB"},
+                              cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "configuration error: MONGO_DB is 'CatalogServiceDB' but MONGO_URI names the database 'otherdb';"
+        " unset MONGO_DB, or make the two the same"]
+
+
+def test_a_mongodb_srv_uri_is_described_without_a_port():
+    config = service_settings.load_config({"MONGO_URI": "mongodb+srv://u:p-0123456789abcdef@cluster0.example.net/"})
+    assert service_settings.describe_database(config) == "mongodb+srv://cluster0.example.net/CatalogServiceDB"
+
+
+def test_the_server_reads_the_file_env_file_names(tmp_path):
+    (tmp_path / "env").write_text("MONGO_DB=FromEnvFile\nMONGO_PASSWORD='x${HOME}'\nMONGO_USER=svc\n")
+    (tmp_path / "env").chmod(0o600)
+    done = run_server_process({}, "--env-file", str(tmp_path / "env"), "--in-memory", "--create-indexes",
+                              cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("indexes present on in-memory stand-in/FromEnvFile: ")
+
+
+def test_an_env_file_that_is_missing_stops_start_up_with_one_line(tmp_path):
+    done = run_server_process({}, "--env-file", str(tmp_path / "missing"), "--in-memory", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"configuration error: --env-file: cannot read {tmp_path / 'missing'}: no such file"]
