@@ -22,7 +22,9 @@ command line. The rest lives beside it, one concern a file:
   on the primary), the in-memory sample store;
 - ``image_service_replies.py``: which ids are refused, each model's account
   of a delete, and the reply messages and outcomes built from it;
-- ``image_service_sweep.py``: the orphan sweep (``--sweep-orphans``);
+- ``image_service_tools.py``: the operator's tools on the command line
+  (``--create-indexes``, ``--sweep-orphans``), and
+  ``image_service_sweep.py``: what the orphan sweep finds and removes;
 - ``image_service_background.py``: the server in a thread of its own, for
   the tests, the benchmark and the load run;
 - ``image_service_console.py``: the command line's words (``--help``'s
@@ -58,9 +60,9 @@ from grpc_reflection.v1alpha import reflection
 
 import image_service_pb2 as pb2
 import image_service_pb2_grpc as pb2_grpc
-import image_service_sweep as sweep
+import image_service_tools as tools
 from image_service_calls import CURRENT_CALL, Admission, BearerTokenInterceptor, CallInterceptor
-from image_service_console import SETTINGS_HELP, in_memory_hint, report_configuration_error, tool_failure
+from image_service_console import SETTINGS_HELP, in_memory_hint, report_configuration_error
 from image_service_observability import (
     CommandTimer,
     Metrics,
@@ -78,10 +80,9 @@ from image_service_settings import (
     host_in_uri,
     load_config,
     read_environment,
+    server_credentials,
 )
 from image_service_store import (
-    create_indexes,
-    describe_indexes,
     in_batches,
     open_database,
     read_collation,
@@ -447,16 +448,6 @@ class RunningServer:
             self.metrics_endpoint.server_close()
 
 
-def _server_credentials(config):
-    if config.tls_cert is None:
-        return None
-    return grpc.ssl_server_credentials(
-        [(config.tls_key, config.tls_cert)],
-        root_certificates=config.tls_client_ca,
-        require_client_auth=config.tls_client_ca is not None,
-    )
-
-
 async def start_server(config, db, servicer=None, metrics=None, tracing=None):
     """Builds the server for ``db`` and starts it on the configured address
     (port 0 picks a free one), on the running event loop, with /metrics when
@@ -484,7 +475,7 @@ async def start_server(config, db, servicer=None, metrics=None, tracing=None):
         names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
         reflection.enable_server_reflection(names, server)
     address = f"{host_in_uri(config.grpc_host)}:{config.grpc_port}"
-    credentials = _server_credentials(config)
+    credentials = server_credentials(config)
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     # NOT_SERVING until the first ping answers. Each ping waits at most an
     # interval, so a dead MongoDB shows as NOT_SERVING within two intervals.
@@ -549,20 +540,15 @@ def parse_arguments(argv):
                              " systemd unit's /etc/image-service/env)")
     parser.add_argument("--in-memory", action="store_true",
                         help="serve an in-memory MongoDB stand-in holding sample images (no MongoDB needed)")
-    parser.add_argument("--create-indexes", action="store_true",
-                        help="create the indexes deletes need (images.model_id, images.image_id,"
-                             " GridFS's on fs.chunks), then exit")
-    sweep.add_arguments(parser)
+    tools.add_arguments(parser)
     args = parser.parse_args(argv)
-    sweep.check_arguments(parser, args)
-    if args.create_indexes and args.sweep_orphans:
-        parser.error("--create-indexes and --sweep-orphans are separate runs")
+    tools.check_arguments(parser, args)
     return args
 
 
 def main(argv=None):
     args = parse_arguments(argv)
-    serving = not (args.sweep_orphans or args.create_indexes)
+    serving = not tools.asked_for(args)
     metrics = Metrics()
     env = os.environ
     try:
@@ -583,24 +569,8 @@ def main(argv=None):
     dotenv_warning = dotenv_permission_warning(args.env_file or ".env")
     if dotenv_warning:
         log.warning("%s", dotenv_warning)
-    if args.create_indexes:
-        try:
-            created = create_indexes(db)
-        except pymongo.errors.PyMongoError as error:
-            log.error("%s", tool_failure("cannot create the indexes", error, database_description))
-            return 1
-        print(f"indexes present on {database_description}: {describe_indexes()};"
-              f" created: {describe_indexes(created) or 'none, all were there'}")
-        return 0
-    if args.sweep_orphans:
-        try:
-            sweep.run_sweep(db, args)
-        except pymongo.errors.PyMongoError as error:
-            failure = tool_failure("sweep failed, nothing more was changed", error, database_description)
-            log.error("%s", failure)
-            log.debug("sweep: the driver said: %s", error)
-            return 1
-        return 0
+    if not serving:
+        return tools.run(args, db, database_description)
     hint = functools.partial(in_memory_hint, config) if args.in_memory else None
     try:
         asyncio.run(serve(config, db, database_description, metrics, hint, tracing))

@@ -20,6 +20,7 @@ import urllib.parse
 
 import dotenv.parser
 import dotenv.variables
+import grpc
 import pymongo.uri_parser
 
 
@@ -372,6 +373,17 @@ def read_environment(dotenv_path=".env", required=False):
             raise ConfigError(f"{name} is exported empty, which would hide its value in {where};"
                               " unset it or give it a value")
     return {**from_file, **os.environ}
+
+
+def server_credentials(config):
+    """The gRPC server's TLS credentials (mTLS with a client CA), or None for plaintext."""
+    if config.tls_cert is None:
+        return None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key, config.tls_cert)],
+        root_certificates=config.tls_client_ca,
+        require_client_auth=config.tls_client_ca is not None,
+    )
 
 
 def check_listen_address(host, port, prefix="GRPC"):

@@ -157,7 +157,8 @@ def test_each_mongodb_command_of_a_call_is_a_child_span_of_the_calls_span(wire, 
     commands = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.CLIENT]
     # The first delete also decides, once, whether reads name a collation.
     assert [span.name for span in commands] == [
-        "CatalogServiceDB.listCollections", "CatalogServiceDB.find", "CatalogServiceDB.aggregate", "CatalogServiceDB.delete",
+        "CatalogServiceDB.listCollections",
+        "CatalogServiceDB.find", "CatalogServiceDB.aggregate", "CatalogServiceDB.delete",
         "CatalogServiceDB.delete", "CatalogServiceDB.delete", "CatalogServiceDB.find"]
     assert {span.parent.span_id for span in commands} == {call_span.context.span_id}
     assert {span.context.trace_id for span in commands} == {call_span.context.trace_id}
