@@ -150,6 +150,9 @@ class SlowDatabase:
             raise AttributeError(name)
         return self[name]
 
+    async def list_collections(self, **kwargs):
+        return await self._db.list_collections(**kwargs)
+
 
 def open_database(args):
     """The database under test, its command counter, and a synchronous
