@@ -1019,23 +1019,24 @@ def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches
 
 
 @pytest.fixture
-def one_second_rounds(monkeypatch):
-    """A clock for the deletion that stands still but for one second per
-    round: the budget decisions, without timing."""
-    clock = types.SimpleNamespace(now=0.0)
+def round_clock(monkeypatch):
+    """A clock for the deletion that stands still but for the rounds: each
+    takes the next of ``clock.round_seconds``, or one second once they run
+    out. The budget decisions, without timing."""
+    clock = types.SimpleNamespace(now=0.0, round_seconds=[])
     clock.monotonic = lambda: clock.now
     remove_round = server.Deletion.remove_round
 
-    async def round_of_one_second(*args):
+    async def timed_round(*args):
         await remove_round(*args)
-        clock.now += 1.0
+        clock.now += clock.round_seconds.pop(0) if clock.round_seconds else 1.0
 
     monkeypatch.setattr(server, "time", clock)
-    monkeypatch.setattr(server.Deletion, "remove_round", round_of_one_second)
+    monkeypatch.setattr(server.Deletion, "remove_round", timed_round)
     return clock
 
 
-def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_second_rounds):
+def test_another_round_starts_only_while_twice_the_slowest_round_remains(round_clock):
     db = mongomock.MongoClient().db
     for _ in range(5):
         upload(db, "chair", data=b"jpeg")
@@ -1048,7 +1049,7 @@ def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_sec
 
 
 def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_time_remains(
-        one_second_rounds):
+        round_clock):
     db = mongomock.MongoClient().db
     upload(db, "chair", data=b"jpeg")
 
@@ -1056,3 +1057,29 @@ def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_t
     (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)
+
+
+def test_another_round_starts_when_exactly_twice_the_slowest_round_remains(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+
+    # After the first round, 2 s remain: twice its 1 s, enough for one more.
+    (reply,) = delete_before(db, ["chair"], 3.0, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
+    assert len(images_of(db, "chair")) == 1
+
+
+def test_the_slowest_round_so_far_not_the_last_decides_whether_another_starts(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+    round_clock.round_seconds = [2.0, 1.0]
+
+    # After the second round, 3.5 s remain: more than twice the last
+    # round's 1 s, less than twice the first round's 2 s.
+    (reply,) = delete_before(db, ["chair"], 6.5, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
+    assert len(images_of(db, "chair")) == 1
