@@ -815,6 +815,18 @@ def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub, u
     assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (1, 1, 4)
 
 
+def test_a_dry_run_counts_the_bytes_of_a_file_stored_under_both_spellings_of_its_id(database, stub):
+    file_id = upload(database, "chair")
+    # A second writer stored the same file again, under its hex string.
+    database["fs.files"].insert_one({"_id": str(file_id), "filename": "chair.jpg", "length": 4,
+                                     "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                      timeout=10)
+
+    assert (reply.deleted_images, reply.file_bytes) == (1, len(IMAGE) + 4)
+
+
 def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gone(database, stub):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
@@ -948,6 +960,17 @@ def test_a_file_shared_by_thousands_of_images_costs_the_reference_check_one_row(
     assert (reply.deleted_images, reply.deleted_files) == (1, 0)
     # The check, and the look once more at the file kept, after the image is gone.
     assert sizes.documents["aggregate"] == [1, 1]
+
+
+def test_another_models_image_id_starting_with_whitespace_keeps_no_file_of_this_call(wire):
+    upload(wire.db, "chair")
+    # Found by the reference check's patterns, but it names another file.
+    wire.db.images.insert_one({"name": "odd.jpg", "image_id": " front.jpg", "model_id": "table"})
+
+    (chair,) = delete_directly(wire.async_client()["CatalogServiceDB"], ["chair"])
+
+    assert chair.message == "deleted 1 image and 1 file"
+    assert wire.names() == [*ONE_ROUND, "find"]  # no second look: no file was kept
 
 
 def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire):
