@@ -732,11 +732,16 @@ def reference_to(file_id, spelling):
     """``file_id`` spelled as a writer other than the upload service might."""
     return {"hex": str(file_id), "objectid": file_id, "upper case": str(file_id).upper(),
             "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n",
-            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c"}[spelling]
+            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c",
+            "a newline first": f"\n{file_id}", "a carriage return first": f"\r{file_id}",
+            "a form feed first": f"\x0c{file_id}",
+            "upper case and a trailing newline": f"{str(file_id).upper()}\n"}[spelling]
 
 
 @pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab",
-                                      "a trailing space", "vertical tab and form feed"])
+                                      "a trailing space", "vertical tab and form feed", "a newline first",
+                                      "a carriage return first", "a form feed first",
+                                      "upper case and a trailing newline"])
 def test_a_file_another_model_still_references_is_kept_and_the_reply_says_so(database, stub, spelling):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": reference_to(shared, spelling),
