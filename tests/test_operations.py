@@ -510,6 +510,20 @@ def test_create_indexes_counts_an_equivalent_index_under_another_name_as_present
     assert "by_model" in wire.db.images.index_information()
 
 
+def test_apply_files_counts_no_array_of_image_ids_as_a_reference():
+    db = mongomock.MongoClient().db
+    lost = upload(db, "lamp")
+    db.images.delete_many({})
+    db["fs.files"].insert_one({"_id": 1.5, "filename": "sofa.jpg", "length": 4, "chunkSize": 261120,
+                               "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    # Since the scan, a writer stored an array: it names no file.
+    db.images.insert_one({"name": "lamp.jpg", "image_id": [str(lost)], "model_id": "lamp"})
+
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+
+    assert removed["files"] == 2 and db["fs.files"].count_documents({}) == 0
+
 def chunks_of_a_lost_file(db, written):
     """Chunks whose fs.files document never came, each written at the given moment."""
     files_id = ObjectId()
