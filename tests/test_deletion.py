@@ -845,6 +845,43 @@ def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gon
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
+def test_a_dry_run_batch_counts_a_shared_file_with_the_first_model_naming_it(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+
+    request = pb2.DeleteImagesRequest(model_ids=["chair", "table"], validate_only=True)
+    chair, table = stub.DeleteImagesByModelIds(request, timeout=10).results
+
+    assert (chair.deleted_images, chair.deleted_files, chair.file_bytes) == (1, 1, len(IMAGE))
+    assert (table.deleted_images, table.deleted_files, table.file_bytes) == (1, 0, 0)
+
+
+def test_a_file_a_batch_shares_with_a_model_outside_it_is_kept_by_each_and_counted_with_none(database, stub):
+    shared = upload(database, "chair")
+    for model_id in ("table", "sofa"):
+        database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": model_id})
+
+    chair, table = delete_batch(stub, ["chair", "table"])
+
+    for reply in (chair, table):
+        assert (reply.deleted_images, reply.deleted_files) == (1, 0)
+        assert reply.message == "deleted 1 image and 0 files; kept 1 file still referenced by another model"
+    assert database["fs.files"].count_documents({"_id": shared}) == 1
+
+
+def test_a_model_of_a_batch_with_no_images_is_credited_with_none_of_the_files_removed(database, stub):
+    file_id = upload(database, "chair")
+    # A second writer stored the same file again, under its hex string.
+    database["fs.files"].insert_one({"_id": str(file_id), "filename": "chair.jpg", "length": 4,
+                                     "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+
+    chair, sofa = delete_batch(stub, ["chair", "sofa"])
+
+    assert (chair.deleted_images, chair.deleted_files) == (1, 2)
+    assert (sofa.outcome, sofa.deleted_files) == (pb2.OUTCOME_NOTHING_TO_DELETE, 0)
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
 def test_a_model_larger_than_a_round_is_deleted_in_whole_rounds(wire):
     for _ in range(5):
         upload(wire.db, "chair")
