@@ -534,6 +534,14 @@ def test_a_dry_run_sends_no_write_command(wire):
     assert wire.names() == ["find", "aggregate", "find"] * 2
 
 
+def test_a_dry_run_naming_only_invalid_ids_sends_no_command(wire):
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        request = pb2.DeleteImagesRequest(model_ids=["", "a\nb"], validate_only=True)
+        replies = stub_.DeleteImagesByModelIds(request, timeout=10).results
+    assert [reply.outcome for reply in replies] == [pb2.OUTCOME_INVALID_ARGUMENT] * 2
+    assert wire.names() == []
+
+
 def test_the_client_can_ask_for_a_dry_run(database, capsys):
     upload(database, "chair")
     with serving(database) as (_, running, _):
