@@ -534,6 +534,14 @@ def test_a_dry_run_sends_no_write_command(wire):
     assert wire.names() == ["find", "aggregate", "find"] * 2
 
 
+def test_a_dry_run_naming_only_invalid_ids_sends_no_command(wire):
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        request = pb2.DeleteImagesRequest(model_ids=["", "a\nb"], validate_only=True)
+        replies = stub_.DeleteImagesByModelIds(request, timeout=10).results
+    assert [reply.outcome for reply in replies] == [pb2.OUTCOME_INVALID_ARGUMENT] * 2
+    assert wire.names() == []
+
+
 def test_the_client_can_ask_for_a_dry_run(database, capsys):
     upload(database, "chair")
     with serving(database) as (_, running, _):
@@ -732,11 +740,16 @@ def reference_to(file_id, spelling):
     """``file_id`` spelled as a writer other than the upload service might."""
     return {"hex": str(file_id), "objectid": file_id, "upper case": str(file_id).upper(),
             "spaces": f"  {file_id} ", "upper case and a tab": f"\t{str(file_id).upper()}\n",
-            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c"}[spelling]
+            "a trailing space": f"{file_id} ", "vertical tab and form feed": f"\x0b{file_id}\x0c",
+            "a newline first": f"\n{file_id}", "a carriage return first": f"\r{file_id}",
+            "a form feed first": f"\x0c{file_id}",
+            "upper case and a trailing newline": f"{str(file_id).upper()}\n"}[spelling]
 
 
 @pytest.mark.parametrize("spelling", ["hex", "objectid", "upper case", "spaces", "upper case and a tab",
-                                      "a trailing space", "vertical tab and form feed"])
+                                      "a trailing space", "vertical tab and form feed", "a newline first",
+                                      "a carriage return first", "a form feed first",
+                                      "upper case and a trailing newline"])
 def test_a_file_another_model_still_references_is_kept_and_the_reply_says_so(database, stub, spelling):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": reference_to(shared, spelling),
@@ -815,6 +828,18 @@ def test_a_dry_run_finds_a_file_stored_under_its_hex_string_id(database, stub, u
     assert (reply.deleted_images, reply.deleted_files, reply.file_bytes) == (1, 1, 4)
 
 
+def test_a_dry_run_counts_the_bytes_of_a_file_stored_under_both_spellings_of_its_id(database, stub):
+    file_id = upload(database, "chair")
+    # A second writer stored the same file again, under its hex string.
+    database["fs.files"].insert_one({"_id": str(file_id), "filename": "chair.jpg", "length": 4,
+                                     "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+
+    reply = stub.DeleteImageByModelId(pb2.DeleteImageRequest(model_id="chair", validate_only=True),
+                                      timeout=10)
+
+    assert (reply.deleted_images, reply.file_bytes) == (1, len(IMAGE) + 4)
+
+
 def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gone(database, stub):
     shared = upload(database, "chair")
     database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
@@ -825,6 +850,43 @@ def test_a_file_two_models_of_a_batch_share_is_counted_once_and_never_called_gon
     assert (table.deleted_images, table.deleted_files) == (1, 0)
     assert "1 file shared with a model deleted with it, counted there" in table.message
     assert "gone" not in chair.message + table.message
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_dry_run_batch_counts_a_shared_file_with_the_first_model_naming_it(database, stub):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+
+    request = pb2.DeleteImagesRequest(model_ids=["chair", "table"], validate_only=True)
+    chair, table = stub.DeleteImagesByModelIds(request, timeout=10).results
+
+    assert (chair.deleted_images, chair.deleted_files, chair.file_bytes) == (1, 1, len(IMAGE))
+    assert (table.deleted_images, table.deleted_files, table.file_bytes) == (1, 0, 0)
+
+
+def test_a_file_a_batch_shares_with_a_model_outside_it_is_kept_by_each_and_counted_with_none(database, stub):
+    shared = upload(database, "chair")
+    for model_id in ("table", "sofa"):
+        database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": model_id})
+
+    chair, table = delete_batch(stub, ["chair", "table"])
+
+    for reply in (chair, table):
+        assert (reply.deleted_images, reply.deleted_files) == (1, 0)
+        assert reply.message == "deleted 1 image and 0 files; kept 1 file still referenced by another model"
+    assert database["fs.files"].count_documents({"_id": shared}) == 1
+
+
+def test_a_model_of_a_batch_with_no_images_is_credited_with_none_of_the_files_removed(database, stub):
+    file_id = upload(database, "chair")
+    # A second writer stored the same file again, under its hex string.
+    database["fs.files"].insert_one({"_id": str(file_id), "filename": "chair.jpg", "length": 4,
+                                     "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+
+    chair, sofa = delete_batch(stub, ["chair", "sofa"])
+
+    assert (chair.deleted_images, chair.deleted_files) == (1, 2)
+    assert (sofa.outcome, sofa.deleted_files) == (pb2.OUTCOME_NOTHING_TO_DELETE, 0)
     assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
@@ -983,6 +1045,17 @@ def delete_and_preview(wire, model_id, **client_options):
     return deleted, preview
 
 
+def test_another_models_image_id_starting_with_whitespace_keeps_no_file_of_this_call(wire):
+    upload(wire.db, "chair")
+    # Found by the reference check's patterns, but it names another file.
+    wire.db.images.insert_one({"name": "odd.jpg", "image_id": " front.jpg", "model_id": "table"})
+
+    (chair,) = delete_directly(wire.async_client()["CatalogServiceDB"], ["chair"])
+
+    assert chair.message == "deleted 1 image and 1 file"
+    assert wire.names() == [*ONE_ROUND, "find"]  # no second look: no file was kept
+
+
 def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire):
     wire.create_collection("images", collation=CASE_INSENSITIVE)
     upload(wire.db, "chair")
@@ -1134,23 +1207,24 @@ def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches
 
 
 @pytest.fixture
-def one_second_rounds(monkeypatch):
-    """A clock for the deletion that stands still but for one second per
-    round: the budget decisions, without timing."""
-    clock = types.SimpleNamespace(now=0.0)
+def round_clock(monkeypatch):
+    """A clock for the deletion that stands still but for the rounds: each
+    takes the next of ``clock.round_seconds``, or one second once they run
+    out. The budget decisions, without timing."""
+    clock = types.SimpleNamespace(now=0.0, round_seconds=[])
     clock.monotonic = lambda: clock.now
     remove_round = server.Deletion.remove_round
 
-    async def round_of_one_second(*args):
+    async def timed_round(*args):
         await remove_round(*args)
-        clock.now += 1.0
+        clock.now += clock.round_seconds.pop(0) if clock.round_seconds else 1.0
 
     monkeypatch.setattr(server, "time", clock)
-    monkeypatch.setattr(server.Deletion, "remove_round", round_of_one_second)
+    monkeypatch.setattr(server.Deletion, "remove_round", timed_round)
     return clock
 
 
-def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_second_rounds):
+def test_another_round_starts_only_while_twice_the_slowest_round_remains(round_clock):
     db = mongomock.MongoClient().db
     for _ in range(5):
         upload(db, "chair", data=b"jpeg")
@@ -1163,7 +1237,7 @@ def test_another_round_starts_only_while_twice_the_slowest_round_remains(one_sec
 
 
 def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_time_remains(
-        one_second_rounds):
+        round_clock):
     db = mongomock.MongoClient().db
     upload(db, "chair", data=b"jpeg")
 
@@ -1171,3 +1245,29 @@ def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_t
     (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)
+
+
+def test_another_round_starts_when_exactly_twice_the_slowest_round_remains(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+
+    # After the first round, 2 s remain: twice its 1 s, enough for one more.
+    (reply,) = delete_before(db, ["chair"], 3.0, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
+    assert len(images_of(db, "chair")) == 1
+
+
+def test_the_slowest_round_so_far_not_the_last_decides_whether_another_starts(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(5):
+        upload(db, "chair", data=b"jpeg")
+    round_clock.round_seconds = [2.0, 1.0]
+
+    # After the second round, 3.5 s remain: more than twice the last
+    # round's 1 s, less than twice the first round's 2 s.
+    (reply,) = delete_before(db, ["chair"], 6.5, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
+    assert len(images_of(db, "chair")) == 1

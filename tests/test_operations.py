@@ -2,6 +2,7 @@
 unit, and the orphan sweep."""
 
 import asyncio
+import datetime
 import logging
 import os
 import re
@@ -522,3 +523,68 @@ def test_create_indexes_counts_an_equivalent_index_under_another_name_as_present
     assert created == [{"image_id": 1}, {"files_id": 1, "n": 1}]
     assert store.missing_indexes(wire.db) == []
     assert "by_model" in wire.db.images.index_information()
+
+
+def test_apply_files_counts_no_array_of_image_ids_as_a_reference():
+    db = mongomock.MongoClient().db
+    lost = upload(db, "lamp")
+    db.images.delete_many({})
+    db["fs.files"].insert_one({"_id": 1.5, "filename": "sofa.jpg", "length": 4, "chunkSize": 261120,
+                               "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+    # Since the scan, a writer stored an array: it names no file.
+    db.images.insert_one({"name": "lamp.jpg", "image_id": [str(lost)], "model_id": "lamp"})
+
+    removed = orphan_sweep.sweep_orphans(db, report, apply_files=True, batch_size=10)
+
+    assert removed["files"] == 2 and db["fs.files"].count_documents({}) == 0
+
+def chunks_of_a_lost_file(db, written):
+    """Chunks whose fs.files document never came, each written at the given moment."""
+    files_id = ObjectId()
+    db["fs.chunks"].insert_many([{"_id": ObjectId.from_datetime(moment), "files_id": files_id, "n": n,
+                                  "data": b"jpeg"} for n, moment in enumerate(written)])
+    return files_id
+
+
+def test_chunks_without_a_file_are_orphans_only_once_their_newest_chunk_is_older_than_the_minimum_age():
+    db = mongomock.MongoClient().db
+    now = datetime.datetime.now(datetime.timezone.utc)
+    hours_ago = [now - datetime.timedelta(hours=hours) for hours in (4, 3, 2)]
+    chunks_of_a_lost_file(db, [hours_ago[0], now - datetime.timedelta(minutes=1)])  # still being written
+    orphaned = chunks_of_a_lost_file(db, hours_ago[1:])
+
+    report = orphan_sweep.find_orphans(db, min_age_s=3600, now=now)
+
+    assert report.chunk_file_ids == [orphaned]
+
+
+def test_chunks_without_a_file_whose_age_cannot_be_told_are_not_orphans():
+    db = mongomock.MongoClient().db
+    db["fs.chunks"].insert_one({"_id": "chunk-0", "files_id": ObjectId(), "n": 0, "data": b"jpeg"})
+
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+
+    assert report.chunk_file_ids == []
+
+
+def test_an_image_naming_no_file_is_dangling_and_a_file_no_image_id_can_name_is_unreferenced():
+    db = mongomock.MongoClient().db
+    invalid = db.images.insert_one({"name": "chair.jpg", "image_id": None, "model_id": "chair"}).inserted_id
+    # GridFS allows any _id; an image_id naming a file is never a float.
+    db["fs.files"].insert_one({"_id": 1.5, "filename": "lamp.jpg", "length": 4, "chunkSize": 261120,
+                               "uploadDate": datetime.datetime.now(datetime.timezone.utc)})
+
+    report = orphan_sweep.find_orphans(db, min_age_s=0, now=a_second_later())
+
+    assert report == orphan_sweep.OrphanReport([], [1.5], [invalid])
+
+
+@pytest.mark.parametrize("keys", [[("files_id", 1), ("n", -1)], [("files_id", 1), ("n", 1), ("data", 1)]],
+                         ids=["another direction", "more fields"])
+def test_a_unique_chunks_index_other_than_gridfs_own_is_missing(database, keys):
+    database.images.create_index([("model_id", 1)])
+    database.images.create_index([("image_id", 1)])
+    database["fs.chunks"].create_index(keys, unique=True)
+    assert [(index.collection, index.unique) for index in store.missing_indexes(database)] == [
+        ("fs.chunks", True)]
