@@ -1271,3 +1271,18 @@ def test_the_slowest_round_so_far_not_the_last_decides_whether_another_starts(ro
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
     assert len(images_of(db, "chair")) == 1
+
+
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_a_file_another_model_references_with_a_trailing_vertical_tab_is_kept(database, stub, case):
+    shared = upload(database, "chair")
+    hex_id = str(shared).upper() if case == "upper" else str(shared)
+    # The rule strips ASCII whitespace, vertical tab included: this names the file.
+    database.images.insert_one({"name": "copy.jpg", "image_id": f"{hex_id}\x0b", "model_id": "table"})
+    table = model_data(database, "table")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert database["fs.files"].count_documents({"_id": shared}) == 1
+    assert model_data(database, "table") == table
