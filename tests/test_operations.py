@@ -588,3 +588,19 @@ def test_a_unique_chunks_index_other_than_gridfs_own_is_missing(database, keys):
     database["fs.chunks"].create_index(keys, unique=True)
     assert [(index.collection, index.unique) for index in store.missing_indexes(database)] == [
         ("fs.chunks", True)]
+
+
+GRIDFS_CHUNKS_INDEX = {"files_id_1_n_1": {"key": [("files_id", 1), ("n", 1)], "unique": True}}
+
+
+@pytest.mark.parametrize("options", [{"partialFilterExpression": {"name": {"$exists": True}}},
+                                     {"collation": {"locale": "en", "strength": 2}}],
+                         ids=["partial", "case-insensitive collation"])
+def test_an_index_deletes_cannot_use_is_missing(options):
+    # The deletion's reads match every document, comparing strings exactly:
+    # a partial index, or one with a collation other than simple, cannot serve them.
+    present = {"images": {"by_model": {"key": [("model_id", 1)], **options},
+                          "image_id_1": {"key": [("image_id", 1)]}},
+               "fs.chunks": GRIDFS_CHUNKS_INDEX}
+    assert [(index.collection, index.keys) for index in store.missing_from(present)] == [
+        ("images", (("model_id", 1),))]
