@@ -604,3 +604,17 @@ def test_an_index_deletes_cannot_use_is_missing(options):
                "fs.chunks": GRIDFS_CHUNKS_INDEX}
     assert [(index.collection, index.keys) for index in store.missing_from(present)] == [
         ("images", (("model_id", 1),))]
+
+
+def test_the_sweep_keeps_the_chunks_of_a_file_stored_under_another_spelling_of_its_id():
+    db = mongomock.MongoClient().db
+    file_id = upload(db, "chair")
+    # A writer gave the chunks the hex string of their file's ObjectId: the
+    # delete finds them under either spelling, so they are that file's.
+    db["fs.chunks"].update_many({"files_id": file_id}, {"$set": {"files_id": str(file_id)}})
+    healthy = list(db["fs.chunks"].find())
+
+    output = sweep(db, "--apply", "--apply-files")
+
+    assert output.splitlines()[-1] == "removed 0 chunks, 0 images documents, 0 files"
+    assert list(db["fs.chunks"].find()) == healthy
