@@ -1271,3 +1271,46 @@ def test_the_slowest_round_so_far_not_the_last_decides_whether_another_starts(ro
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 4)
     assert len(images_of(db, "chair")) == 1
+
+
+@pytest.mark.parametrize("case", ["lower", "upper"])
+def test_a_file_another_model_references_with_a_trailing_vertical_tab_is_kept(database, stub, case):
+    shared = upload(database, "chair")
+    hex_id = str(shared).upper() if case == "upper" else str(shared)
+    # The rule strips ASCII whitespace, vertical tab included: this names the file.
+    database.images.insert_one({"name": "copy.jpg", "image_id": f"{hex_id}\x0b", "model_id": "table"})
+    table = model_data(database, "table")
+
+    reply = delete(stub, "chair")
+
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 1, 0)
+    assert database["fs.files"].count_documents({"_id": shared}) == 1
+    assert model_data(database, "table") == table
+
+
+def test_a_file_stored_under_both_spellings_of_its_id_is_credited_to_its_own_model_in_a_batch():
+    # Not on FerretDB v1: it refuses an ObjectId and its hex string as two _ids.
+    database = mongomock.MongoClient().db
+    file_id = upload(database, "chair")
+    upload(database, "table")
+    # A second writer stored chair's file again, under its hex string.
+    database["fs.files"].insert_one({"_id": str(file_id), "filename": "chair.jpg", "length": 4,
+                                     "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+
+    chair, table = delete_directly(database, ["chair", "table"])
+
+    assert (chair.deleted_images, chair.deleted_files) == (1, 2)
+    assert (table.deleted_images, table.deleted_files) == (1, 1)
+    assert table.message == "deleted 1 image and 1 file"
+    assert everything(database) == {"images": [], "fs.files": [], "fs.chunks": []}
+
+
+def test_a_file_kept_in_several_rounds_is_counted_as_kept_once(database):
+    shared = upload(database, "chair")
+    database.images.insert_one({"name": "again.jpg", "image_id": str(shared), "model_id": "chair"})
+    database.images.insert_one({"name": "copy.jpg", "image_id": str(shared), "model_id": "table"})
+
+    (chair,) = delete_directly(database, ["chair"], round_size=1)
+
+    assert (chair.success, chair.deleted_images, chair.deleted_files) == (True, 2, 0)
+    assert chair.message == "deleted 2 images and 0 files; kept 1 file still referenced by another model"
