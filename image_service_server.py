@@ -192,6 +192,7 @@ class Deletion:
                                  for form in stored_model_id_forms(model_id)}
         self._forms = list(self._forms_to_models)
         self._deleted_earlier = {}  # file id -> the model counted for it, over the rounds
+        self._kept = collections.defaultdict(set)  # model id -> the files kept for it, over the rounds
         self._slowest_round = 0.0
 
     async def run(self) -> bool:
@@ -230,7 +231,8 @@ class Deletion:
             # no reference here, and the file goes with the last image.
             unreferenced = kept - await self._referenced_elsewhere(list(kept))
             for model_id in model_ids:
-                self.found[model_id].kept_files -= len(read.file_ids[model_id] & unreferenced)
+                self._kept[model_id] -= unreferenced
+                self.found[model_id].kept_files = len(self._kept[model_id])
             await self._delete_files(list(unreferenced), owners, model_ids)
 
     async def preview(self) -> None:
@@ -286,7 +288,8 @@ class Deletion:
             images = self.found[model_id]
             images.found_images += len(read.metadata_ids[model_id])
             images.invalid_references += read.invalid_references[model_id]
-            images.kept_files += len(read.file_ids[model_id] & kept)
+            self._kept[model_id] |= read.file_ids[model_id] & kept  # once, however many rounds keep it
+            images.kept_files = len(self._kept[model_id])
             # A file named by two models of the batch is counted with one of them.
             counted_with = [self._deleted_earlier.get(file_id, owners[file_id])
                             for file_id in read.file_ids[model_id] - kept]
@@ -299,6 +302,7 @@ class Deletion:
         self._deleted_earlier.update((file_id, owners[file_id]) for file_id in file_ids)
         stored_ids = stored_file_ids(file_ids)
         removed = (await self._db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
+        removed = min(removed, len(file_ids))  # a file stored under two spellings of its id is one file
         wanted = [sum(1 for file_id in file_ids if owners[file_id] == model_id) for model_id in model_ids]
         shortfalls = credit(self.found, model_ids, wanted, removed, "deleted_files")
         for model_id, missing in zip(model_ids, shortfalls, strict=True):

@@ -45,7 +45,11 @@ def find_orphans(db, min_age_s, now=None):
     dangling = [doc_id for doc_id, file_id in references.items()
                 if file_id is None or file_id not in file_keys]
     chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id"}}])
-    without_file = [group["_id"] for group in chunk_groups if group["_id"] not in files]
+    # Chunks whose files_id is another spelling of a file's _id are that
+    # file's, as the delete takes them.
+    named_files = file_keys - {None}
+    without_file = [group["_id"] for group in chunk_groups
+                    if group["_id"] not in files and referenced_file_id(group["_id"]) not in named_files]
     newest = newest_chunks(db, without_file)
     orphan_chunks = [files_id for files_id in without_file
                      if files_id in newest and newest[files_id].generation_time < cutoff]

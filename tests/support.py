@@ -19,6 +19,7 @@ import grpc
 import mongomock
 import pymongo
 import pymongo.database
+import pymongo.errors
 import pytest
 from bson import ObjectId
 
@@ -73,6 +74,19 @@ def store_under_exactly(db, model_id, file_id):
 # Ids that are no ObjectId's spelling name the file whose _id is exactly that value.
 EXACT_FILE_IDS = {"mixed-case hex": "5F1b2c3d4e5f60718293a4b5", "a name": "chair-front.jpg",
                   "an empty string": "", "an integer": 42}
+
+
+def store_again_under_its_hex_string(db, file_id):
+    """A second copy of a file's ``fs.files`` document, under its hex string,
+    as a second writer may store it. FerretDB v1 keeps an ObjectId and its
+    hex string as one ``_id``: there, this shape cannot exist, and the test
+    says so."""
+    try:
+        db["fs.files"].insert_one({"_id": str(file_id), "filename": "copy.jpg", "length": 4,
+                                   "chunkSize": 261120, "uploadDate": datetime.datetime.now(datetime.UTC)})
+    except pymongo.errors.DuplicateKeyError:
+        pytest.skip("this server keeps an ObjectId and its hex string as one _id (FerretDB v1): a file"
+                    " cannot be stored under both")
 
 
 def images_of(db, model_id):
