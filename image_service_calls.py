@@ -56,15 +56,14 @@ def request_id_of(metadata):
 
 @dataclasses.dataclass
 class Call:
-    """One call as its log line tells it; the servicer fills in ``summary``,
-    the text line's account of the reply. ``fields`` are the line's
-    structured fields (JSON keys), taken from the request and the reply."""
+    """One call as its log line tells it. ``fields`` are the line's
+    structured fields (JSON keys), taken from the request and the reply;
+    the text line says the same of the reply in words (``_summary``)."""
 
     method: str
     request_id: str
     peer: str
     model_ids: list = dataclasses.field(default_factory=list)
-    summary: str = ""
     fields: dict = dataclasses.field(default_factory=dict)
 
 
@@ -104,6 +103,16 @@ def _reply_fields(reply):
     return {}
 
 
+def _summary(fields):
+    """The text line's account of a delete's reply: a dry run or not, the
+    outcome (a batch's, counted by kind) and the totals removed."""
+    if "deleted_images" not in fields:
+        return ""
+    told = f"outcomes={fields['outcomes']}" if "outcomes" in fields else f"outcome={fields['outcome']}"
+    return (f" {'dry_run ' if fields.get('dry_run') else ''}{told}"
+            f" deleted_images={fields['deleted_images']} deleted_files={fields['deleted_files']}")
+
+
 def _log_call(call, status, level, ms):
     """The call's one log line: method, status, request id, peer, the model
     ids it named and what the servicer summed up; the same as structured
@@ -114,7 +123,7 @@ def _log_call(call, status, level, ms):
         ids = f" models={len(call.model_ids)} ids={quoted_ids(call.model_ids)}"
     else:
         ids = ""
-    summary = f" {call.summary}" if call.summary else ""
+    summary = _summary(call.fields)
     if status != "OK" and not (status == "CANCELLED" and level == logging.DEBUG):
         level = logging.WARNING  # a refused or failed call; a probe that hung up is no news
     fields = {"request_id": call.request_id, "method": call.method, "status": status, **call.fields,

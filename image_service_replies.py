@@ -7,11 +7,9 @@ model, what MongoDB reported removed, what was kept); how the counts of
 models deleted together are shared out when MongoDB removed fewer than
 were wanted; and the reply messages and outcomes: deleted, nothing to
 delete, unfinished (a failure, or time run out between rounds), a dry
-run's preview, and the repeat of a model named twice in a batch; and what
-a call's log line says of its replies.
+run's preview, and the repeat of a model named twice in a batch.
 """
 
-import collections
 import dataclasses
 import unicodedata
 from typing import NamedTuple
@@ -237,14 +235,3 @@ class RequestedModels:
                 first_reply[model_id] = replies[-1]
         return replies
 
-
-def summary_of(replies, dry_run, batch):
-    """What a call's log line says of its replies: the outcome (a batch's,
-    counted by kind) and the totals removed."""
-    if batch:
-        outcomes = dict(collections.Counter(pb2.Outcome.Name(reply.outcome) for reply in replies))
-        told = f"outcomes={outcomes}"
-    else:
-        told = f"outcome={pb2.Outcome.Name(replies[0].outcome)}"
-    return (f"{'dry_run ' if dry_run else ''}{told} deleted_images={sum(r.deleted_images for r in replies)}"
-            f" deleted_files={sum(r.deleted_files for r in replies)}")

@@ -71,7 +71,7 @@ from image_service_observability import (
     describe_failure,
     start_metrics_endpoint,
 )
-from image_service_replies import Ending, ModelImages, RequestedModels, classify_failure, credit, summary_of
+from image_service_replies import Ending, ModelImages, RequestedModels, classify_failure, credit
 from image_service_settings import (
     ConfigError,
     check_listen_address,
@@ -384,7 +384,6 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
 
     async def DeleteImageByModelId(self, request, context):
         (reply,) = await self._delete([request.model_id], request.validate_only, context)
-        CURRENT_CALL.get().summary = summary_of([reply], request.validate_only, batch=False)
         return reply
 
     async def DeleteImagesByModelIds(self, request, context):
@@ -393,7 +392,6 @@ class ImageServiceServicer(pb2_grpc.ImageServiceServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"at most {MAX_BATCH_SIZE} model ids per call, got {len(request.model_ids)}")
         replies = await self._delete(list(request.model_ids), request.validate_only, context)
-        CURRENT_CALL.get().summary = summary_of(replies, request.validate_only, batch=True)
         return pb2.DeleteImagesResponse(results=replies)
 
 
