@@ -23,6 +23,11 @@ class BackgroundServer:
         self.running = self.run(start)
         self.port = self.running.port
 
+    @property
+    def stopped(self):
+        """Whether the loop has ended (``stop`` drained the server)."""
+        return not self._loop.is_running()
+
     def run(self, coroutine, timeout_s=None):
         """Runs a coroutine on the server's loop and returns its result."""
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout_s)

@@ -178,7 +178,7 @@ def serving(db, metrics=None, tracing=None, round_size=server.ROUND_SIZE, **sett
     finally:
         # A test that stopped the server itself has ended its loop, and the
         # client with it: nothing is left to close on it.
-        if isinstance(db.client, pymongo.AsyncMongoClient) and running._loop.is_running():
+        if isinstance(db.client, pymongo.AsyncMongoClient) and not running.stopped:
             running.run(db.client.close(), timeout_s=10)
         running.stop(0)
 
