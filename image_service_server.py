@@ -104,13 +104,14 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # ROUND_SIZE ``images`` documents of the call's models; keep the files that
 # an image of another model still references; delete the other files
 # (``fs.files``, then ``fs.chunks``, as GridFS does), then the documents read
-# (by ``_id``); last, look once more at the files kept, and delete those that
-# nothing references any more. Files go before the metadata, so after any
-# failure the metadata still points at what a retry must finish. Rounds go
-# on until a read finds nothing left, and only then does a reply say
-# success; when the time budget runs out first, the reply says how much was
-# removed and that more remains, and the next call goes on from there. Each
-# call deletes on its own: its reply depends on its call and the database.
+# (by ``_id``), and with that delete read what is left for the next round;
+# last, look once more at the files kept, and delete those that nothing
+# references any more. Files go before the metadata, so after any failure
+# the metadata still points at what a retry must finish. Rounds go on until
+# a read finds nothing left, and only then does a reply say success; when
+# the time budget runs out first, the reply says how much was removed and
+# that more remains, and the next call goes on from there. Each call deletes
+# on its own: its reply depends on its call and the database.
 
 MAX_BATCH_SIZE = 1000
 # Images per round. The largest command of a round, the reference check,
@@ -197,23 +198,26 @@ class Deletion:
 
     async def run(self) -> bool:
         """Removes every image of the models. True once a read finds none
-        left; False when, after a full round, less of the budget remains than
-        twice the slowest round so far."""
-        last_was_full = False
-        while not (last_was_full and self._deadline - time.monotonic() < 2 * self._slowest_round):
-            started = time.monotonic()
-            read = await self._read(limit=self._round_size)
-            if not read.metadata_ids:
-                return True
-            await self.remove_round(read)
-            self._slowest_round = max(self._slowest_round, time.monotonic() - started)
-            last_was_full = read.size() == self._round_size
-        return False
+        left; False when, after a full round, more are left and less of the
+        budget remains than twice the slowest round so far."""
+        started = time.monotonic()
+        read = await self._read(limit=self._round_size)
+        while read.metadata_ids:
+            was_full = read.size() == self._round_size
+            read = await self.remove_round(read)
+            ended = time.monotonic()
+            # A round runs from its read to the next, which goes with its last delete.
+            self._slowest_round = max(self._slowest_round, ended - started)
+            started = ended
+            if read.metadata_ids and was_full and self._deadline - ended < 2 * self._slowest_round:
+                return False
+        return True
 
-    async def remove_round(self, read: ImagesRead) -> None:
+    async def remove_round(self, read: ImagesRead) -> ImagesRead:
         """Deletes what one read found: the files no other model references,
-        their chunks, then the documents read; then the files it kept, if
-        nothing references them now."""
+        their chunks, then the documents read, while reading what is left;
+        then the files it kept, if nothing references them now. Returns
+        what is left."""
         model_ids = [model_id for model_id in self._model_ids if read.metadata_ids[model_id]]
         owners = read.file_owners(model_ids)
         candidates = [file_id for file_id in owners if file_id not in self._deleted_earlier]
@@ -222,9 +226,19 @@ class Deletion:
         doomed = [file_id for file_id in candidates if file_id not in kept]
         await self._delete_files(doomed, owners, model_ids)
         metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
-        removed = (await self._db.images.delete_many({"_id": {"$in": metadata_ids}})).deleted_count
-        credit(self.found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids], removed,
-               "deleted_images")
+        # The read of what is left goes with the delete of the documents
+        # read, leaving them out, rather than after it: one wait less a
+        # round. It finds what a read after the delete would, but for an
+        # upload landing between the two, which is then after the last read.
+        removal, next_read = await asyncio.gather(
+            self._db.images.delete_many({"_id": {"$in": metadata_ids}}),
+            self._read(limit=self._round_size, excluding=metadata_ids), return_exceptions=True)
+        if isinstance(removal, BaseException):
+            raise removal
+        credit(self.found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids],
+               removal.deleted_count, "deleted_images")
+        if isinstance(next_read, BaseException):
+            raise next_read
         if kept:
             # Two calls deleting the last two models that share a file each
             # see the other's image and keep it; the later of them finds
@@ -234,6 +248,7 @@ class Deletion:
                 self._kept[model_id] -= unreferenced
                 self.found[model_id].kept_files = len(self._kept[model_id])
             await self._delete_files(list(unreferenced), owners, model_ids)
+        return next_read
 
     async def preview(self) -> None:
         """What ``run`` would remove now, without writing: one read of every
@@ -257,10 +272,14 @@ class Deletion:
             images.kept_files = len(read.file_ids[model_id] & kept)
             images.file_bytes = sum(lengths[file_id] for file_id in own)
 
-    async def _read(self, limit: int = 0) -> ImagesRead:
-        """The models' ``images`` documents, up to ``limit`` (0: all), in one ``find``."""
+    async def _read(self, limit: int = 0, excluding: list = ()) -> ImagesRead:
+        """The models' ``images`` documents but those of ``_id`` in
+        ``excluding``, up to ``limit`` (0: all), in one ``find``."""
         read = ImagesRead()
-        cursor = self._db.images.find(images_of(self._forms), {"model_id": 1, "image_id": 1}, limit=limit,
+        query = images_of(self._forms)
+        if excluding:
+            query["_id"] = {"$nin": excluding}
+        cursor = self._db.images.find(query, {"model_id": 1, "image_id": 1}, limit=limit,
                                       batch_size=limit or READ_BATCH_SIZE,
                                       collation=await read_collation(self._db))
         async for document in cursor:

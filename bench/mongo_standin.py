@@ -4,11 +4,11 @@ It answers the real driver over TCP (through ``bench/mongo_wire.py``) at
 once, or after a fixed added latency per command, so that what a benchmark
 measures is each gRPC server's own work and not a database's. Every model
 asked for has one image, until it is deleted: the only thing the stand-in
-remembers is which images were (so that a read after the delete finds none
-left). No other model references its file; every other ``delete`` removes
-as many documents as ids it names. It runs on one asyncio event loop in a
-process of its own (``standin_process``), so its CPU is never counted as a
-server's.
+remembers is which images were (so that a read after the delete, or one
+leaving out what it deletes, finds none left). No other model references
+its file; every other ``delete`` removes as many documents as ids it names.
+It runs on one asyncio event loop in a process of its own
+(``standin_process``), so its CPU is never counted as a server's.
 
     python3 -m bench.mongo_standin --port 27099 --db-latency-ms 1
 """
@@ -46,11 +46,13 @@ def image_of(model_id):
 
 
 def images_of(query):
-    """The images a read by ``model_id`` (equal, or ``$in``) finds."""
+    """The images a read by ``model_id`` (equal, or ``$in``) finds, but
+    those of ``_id`` in a ``$nin``."""
     wanted = query.get("model_id")
     model_ids = wanted.get("$in", []) if isinstance(wanted, dict) else [wanted]
+    excluded = set(query.get("_id", {}).get("$nin", []))  # the read that goes with a delete
     images = [image_of(model_id) for model_id in model_ids if isinstance(model_id, str)]
-    return [image for image in images if image["_id"] not in DELETED_IMAGES]
+    return [image for image in images if image["_id"] not in DELETED_IMAGES | excluded]
 
 
 def remember_deleted_images(command):

@@ -11,6 +11,7 @@ import gc
 import multiprocessing
 import socket
 import threading
+import time
 
 import mongomock
 import pymongo
@@ -49,6 +50,12 @@ class WireMongo:
     NotImplemented as FerretDB v1 answers ``collation``), or stop answering
     until ``recover()``. listCollections reports the options collections
     were created with (``create_collection``).
+
+    A round's images delete and the read sent with it (which leaves out the
+    documents deleted) arrive at once, in either order. WireMongo takes them
+    in one order, the same in every run, so that commands are numbered the
+    same: the delete first, as MongoDB mostly would, or the read first when
+    ``reads_first`` is set.
     """
 
     HELLO = mongo_wire.HELLO
@@ -63,6 +70,10 @@ class WireMongo:
         self.answering = threading.Event()
         self.answering.set()
         self.arrivals = threading.Semaphore(0)  # released as each data command arrives
+        self.reads_first = False  # take a round's read before its images delete
+        self._answered = threading.Condition()
+        self._answered_pairs = []  # ("delete" | "read", the _ids it deleted or left out), as answered
+        self.unpaired = []  # each of a pair whose partner never came
         self._lock = threading.Lock()
         self._mockup = MockupDB(port=port)
         self._mockup.autoresponds(self._handle)
@@ -119,6 +130,9 @@ class WireMongo:
                 return request.ok(self._indexes(request.doc[name]))
             if name == "listCollections":  # the collation decision, not a data command
                 return request.ok(self._collections(request.doc.get("filter", {})))
+            pair = self._pair_of(request.doc)
+            if pair:
+                self._after_its_partner(pair)
             if name != "ping":
                 self.arrivals.release()
             while not self.answering.wait(0.05):
@@ -129,14 +143,50 @@ class WireMongo:
             with self._lock:
                 self.commands.append(request.doc)
                 fault = self.faults.pop(len(self.commands), None)
-            if callable(fault):
-                fault()
-            if fault == "error":
-                return request.command_err(code=2, errmsg="injected failure")
-            if fault == "drop-before":
-                return request.hangup()
-            reply = self._execute(name, request.doc)
-            return request.hangup() if fault == "drop-after" else request.ok(reply)
+            try:
+                return self._answer(request, fault)
+            finally:
+                if pair:
+                    with self._answered:
+                        self._answered_pairs.append(pair)
+                        self._answered.notify_all()
+
+    def _answer(self, request, fault):
+        if callable(fault):
+            fault()
+        if fault == "error":
+            return request.command_err(code=2, errmsg="injected failure")
+        if fault == "drop-before":
+            return request.hangup()
+        reply = self._execute(request.command_name, request.doc)
+        return request.hangup() if fault == "drop-after" else request.ok(reply)
+
+    @staticmethod
+    def _pair_of(command):
+        """("delete", ids) for an images delete by ``_id``, ("read", ids) for
+        a read of images that leaves those out; None for any other command."""
+        if command.get("delete") == "images":
+            kind, operator, condition = "delete", "$in", command["deletes"][0]["q"].get("_id")
+        elif command.get("find") == "images":
+            kind, operator, condition = "read", "$nin", command.get("filter", {}).get("_id")
+        else:
+            return None
+        return (kind, condition[operator]) if isinstance(condition, dict) and operator in condition else None
+
+    def _after_its_partner(self, pair, timeout_s=5.0):
+        """Holds the second of a pair until the first has been answered (or,
+        should it never come, ``timeout_s``)."""
+        kind, metadata_ids = pair
+        if (kind == "read") == self.reads_first:
+            return
+        partner = ("delete" if kind == "read" else "read", metadata_ids)
+        give_up = time.monotonic() + timeout_s
+        with self._answered:
+            while partner not in self._answered_pairs and not self._mockup._stopped:
+                if time.monotonic() > give_up:
+                    self.unpaired.append(pair)
+                    return
+                self._answered.wait(0.05)
 
     def _indexes(self, collection):
         indexes = [{"v": 2, "key": dict(index["key"]), "name": name,
@@ -186,7 +236,8 @@ class SyntheticMongo:
     """A MongoDB holding one model with ``images`` images synthesised on
     demand rather than stored (each with one file and one chunk), served by
     ``synthetic_mongo``. It answers the handshake, the delete's reads of
-    ``images`` (up to ``limit`` documents of the model; no other model
+    ``images`` (up to ``limit`` documents of the model, but those a ``$nin``
+    of ``_id`` leaves out; no other model
     references its files) and deletes by ``$in``, remembering what is gone,
     and records each command's name, collection and size."""
 
@@ -217,7 +268,9 @@ class SyntheticMongo:
                     "commands": [list(command) for command in self.commands], "ok": 1}
         self.commands.append((name, str(command[name]), size))
         if name == "find" and "model_id" in command["filter"]:
-            return mongo_wire.cursor("CatalogServiceDB.images", self._images(command.get("limit", 0)))
+            excluded = set(command["filter"].get("_id", {}).get("$nin", []))
+            found = self._images(command.get("limit", 0), excluded)
+            return mongo_wire.cursor("CatalogServiceDB.images", found)
         if name == "aggregate":  # other models' references to its files: none
             return mongo_wire.cursor("CatalogServiceDB.images", [])
         if name == "delete":
@@ -227,17 +280,21 @@ class SyntheticMongo:
             return {"n": len(gone), "ok": 1}
         raise AssertionError(f"SyntheticMongo does not know {name!r} {command}")
 
-    def _images(self, limit):
+    def _images(self, limit, excluded):
+        """Up to ``limit`` (0: all) present images, but those ``excluded``."""
         while (self._first_present < len(self.metadata_ids)
                and self.metadata_ids[self._first_present] not in self.present["images"]):
             self._first_present += 1
-        end = len(self.metadata_ids)
-        if limit:
-            end = min(self._first_present + limit, end)
-        # image_id as an ObjectId, as other writers store it: spelling a
-        # million ids out as hex would cost this stand-in most of the test.
-        return [{"_id": self.metadata_ids[i], "model_id": self.model_id, "image_id": self.file_ids[i]}
-                for i in range(self._first_present, end)]
+        found = []
+        for i in range(self._first_present, len(self.metadata_ids)):
+            if limit and len(found) == limit:
+                break
+            if self.metadata_ids[i] not in excluded:
+                # image_id as an ObjectId, as other writers store it: spelling a
+                # million ids out as hex would cost this stand-in most of the test.
+                found.append({"_id": self.metadata_ids[i], "model_id": self.model_id,
+                              "image_id": self.file_ids[i]})
+        return found
 
 
 def _serve_synthetic(model_id, images, ports):

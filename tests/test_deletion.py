@@ -331,7 +331,7 @@ def test_a_delete_costs_six_commands_whatever_the_number_of_images_in_a_round(wi
     with serving_on(wire.async_client()) as (stub_, _, _):
         reply = delete(stub_, "chair")
     assert reply.deleted_images == 25
-    assert wire.names() == [*ONE_ROUND, "find"]  # and a last read that finds none left
+    assert wire.names() == [*ONE_ROUND, "find"]  # the read sent with the last delete finds none left
 
 
 def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
@@ -343,6 +343,19 @@ def test_deletes_files_then_chunks_then_the_metadata_it_read(wire):
     assert "image_id" in str(check["pipeline"])  # other models' references to the files
     assert (files["delete"], chunks["delete"], metadata["delete"]) == ("fs.files", "fs.chunks", "images")
     assert set(metadata["deletes"][0]["q"]) == {"_id"}
+
+
+def test_the_read_for_what_is_left_is_sent_with_the_images_delete_and_leaves_out_what_it_deletes(wire):
+    for _ in range(3):
+        upload(wire.db, "chair")
+    wire.reads_first = True  # MongoDB may answer the read before the delete sent with it
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        reply = delete(stub_, "chair")
+    assert (reply.success, reply.deleted_images, reply.deleted_files) == (True, 3, 3)
+    assert reply.message == "deleted 3 images and 3 files"
+    assert wire.names() == ["find", "aggregate", "delete", "delete", "find", "delete"]
+    assert wire.unpaired == [], "the read was not sent until the delete was answered"
+    assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
 def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exact_totals():
@@ -365,10 +378,27 @@ def test_a_model_with_a_million_images_is_deleted_by_repeating_the_call_with_exa
     assert max(size for _, _, size in report["commands"]) < 2 * 1024 * 1024  # MongoDB's limit: 16 MB
     if all(reply.outcome == pb2.OUTCOME_INCOMPLETE for reply in cut_short):  # no round was cut midway
         commands = [(name, collection) for name, collection, _ in report["commands"]]
-        one_round = [("find", "images"), ("aggregate", "images"), ("delete", "fs.files"),
-                     ("delete", "fs.chunks"), ("delete", "images")]
-        # 100 rounds of 10,000, whatever the number of calls, then the read that finds none left:
-        assert commands == one_round * 100 + [("find", "images")]
+        read = ("find", "images")
+        # A round's images delete and the next read are sent at once, and may arrive in either order.
+        one_round = [("aggregate", "images"), ("delete", "fs.files"), ("delete", "fs.chunks"),
+                     {("delete", "images"), read}]
+        # Each call's read, then its rounds of 10,000: 100 in all, whatever the number of calls.
+        expected = [entry for reply in replies
+                    for entry in [read, *one_round * (reply.deleted_images // 10_000)]]
+        assert in_rounds(commands, expected) == expected
+
+
+def in_rounds(commands, expected):
+    """``commands``, with two in a row made one set where ``expected`` has a set."""
+    grouped, position = [], 0
+    for entry in expected:
+        if isinstance(entry, set):
+            grouped.append(set(commands[position:position + len(entry)]))
+            position += len(entry)
+        else:
+            grouped.append(commands[position] if position < len(commands) else None)
+            position += 1
+    return grouped + commands[position:]
 
 
 def test_a_model_without_images_costs_one_read(wire):
@@ -1213,8 +1243,9 @@ def round_clock(monkeypatch):
     remove_round = server.Deletion.remove_round
 
     async def timed_round(*args):
-        await remove_round(*args)
+        left = await remove_round(*args)
         clock.now += clock.round_seconds.pop(0) if clock.round_seconds else 1.0
+        return left
 
     monkeypatch.setattr(server, "time", clock)
     monkeypatch.setattr(server.Deletion, "remove_round", timed_round)
@@ -1242,6 +1273,18 @@ def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_t
     (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)
+
+
+def test_a_full_round_that_leaves_nothing_answers_success_however_little_time_remains(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(2):
+        upload(db, "chair", data=b"jpeg")
+
+    # After the one full round, 0.5 s remain; the read sent with its last
+    # delete found nothing left.
+    (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 2)
 
 
 def test_another_round_starts_when_exactly_twice_the_slowest_round_remains(round_clock):
