@@ -79,11 +79,13 @@ class ImageServiceServicer:
 
         Commands, for a single delete or a batch alike, in rounds of up to
         10,000 images: a read, a check for other models' references to the
-        files, deletes of files, chunks and metadata; then a last read that
-        finds none left. A model of a few images costs 6 commands (1 when it has
-        none); 1,000,000 images take 100 rounds, 501 commands, none over 2 MB,
-        spread over as many calls as MONGO_TIMEOUT_MS needs. A dry run sends
-        the read, the reference check and one read of `fs.files` per 10,000.
+        files, deletes of files, chunks and metadata, and with the metadata
+        delete (sent at once) the read of what is left, until it finds none. A
+        model of a few images costs 6 commands in 5 waits (1 when it has none);
+        1,000,000 images take 100 rounds of 5 commands, none over 2 MB, spread
+        over as many calls as MONGO_TIMEOUT_MS needs, each starting with a read.
+        A dry run sends the read, the reference check and one read of
+        `fs.files` per 10,000.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
