@@ -1237,12 +1237,15 @@ def test_a_delete_whose_deadline_came_before_it_began_is_unavailable_and_touches
 def round_clock(monkeypatch):
     """A clock for the deletion that stands still but for the rounds: each
     takes the next of ``clock.round_seconds``, or one second once they run
-    out. The budget decisions, without timing."""
-    clock = types.SimpleNamespace(now=0.0, round_seconds=[])
+    out, and runs the next of ``clock.during_round`` after its read. The
+    budget decisions, without timing."""
+    clock = types.SimpleNamespace(now=0.0, round_seconds=[], during_round=[])
     clock.monotonic = lambda: clock.now
     remove_round = server.Deletion.remove_round
 
     async def timed_round(*args):
+        if clock.during_round:
+            clock.during_round.pop(0)()
         left = await remove_round(*args)
         clock.now += clock.round_seconds.pop(0) if clock.round_seconds else 1.0
         return left
@@ -1273,6 +1276,20 @@ def test_a_round_that_was_not_full_is_followed_by_the_last_read_however_little_t
     (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
 
     assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 1)
+
+
+def test_images_uploaded_during_a_round_that_was_not_full_are_deleted_however_little_time_remains(
+        round_clock):
+    db = mongomock.MongoClient().db
+    upload(db, "chair", data=b"jpeg")
+    round_clock.during_round = [lambda: upload(db, "chair", data=b"jpeg")]
+
+    # After the first round, 0.5 s remain, less than twice its 1 s; but it
+    # was not full: the model had few images, and the one uploaded goes too.
+    (reply,) = delete_before(db, ["chair"], 1.5, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (True, pb2.OUTCOME_DELETED, 2)
+    assert images_of(db, "chair") == []
 
 
 def test_a_full_round_that_leaves_nothing_answers_success_however_little_time_remains(round_clock):
