@@ -1316,6 +1316,20 @@ def test_another_round_starts_when_exactly_twice_the_slowest_round_remains(round
     assert len(images_of(db, "chair")) == 1
 
 
+def test_each_round_is_timed_on_its_own_not_from_the_start_of_the_call(round_clock):
+    db = mongomock.MongoClient().db
+    for _ in range(7):
+        upload(db, "chair", data=b"jpeg")
+
+    # Rounds of 1 s: after the second, 2.5 s remain, more than twice 1 s
+    # (though less than twice the 2 s since the call began); after the
+    # third, 1.5 s remain: no fourth.
+    (reply,) = delete_before(db, ["chair"], 4.5, round_size=2)
+
+    assert (reply.success, reply.outcome, reply.deleted_images) == (False, pb2.OUTCOME_INCOMPLETE, 6)
+    assert len(images_of(db, "chair")) == 1
+
+
 def test_the_slowest_round_so_far_not_the_last_decides_whether_another_starts(round_clock):
     db = mongomock.MongoClient().db
     for _ in range(5):
