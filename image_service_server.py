@@ -17,9 +17,10 @@ command line. The rest lives beside it, one concern a file:
   ids and the log line, bearer tokens, the admission bound);
 - ``image_service_observability.py``: metrics, driver command timing, the
   log format, the MongoDB health monitor;
-- ``image_service_store.py``: what the upload service writes, how an
-  ``image_id`` names a GridFS file, the indexes, opening the database (reads
-  on the primary), the in-memory sample store;
+- ``image_service_store.py``: what the upload service writes, which
+  documents are a model's, how an ``image_id`` names a GridFS file, what a
+  read of ``images`` holds, the indexes, opening the database (reads on the
+  primary), the in-memory sample store;
 - ``image_service_replies.py``: which ids are refused, each model's account
   of a delete, and the reply messages and outcomes built from it;
 - ``image_service_tools.py``: the operator's tools on the command line
@@ -54,7 +55,6 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 import pymongo
 import pymongo.errors
-from bson import ObjectId
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -83,12 +83,16 @@ from image_service_settings import (
     server_credentials,
 )
 from image_service_store import (
+    ImagesRead,
+    images_of,
+    images_of_other_models,
     in_batches,
     open_database,
     read_collation,
     referenced_file_id,
     references_filter,
     stored_file_ids,
+    stored_model_id_forms,
 )
 from image_service_tracing import TracingOff, start_tracing
 
@@ -104,14 +108,15 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # ROUND_SIZE ``images`` documents of the call's models; keep the files that
 # an image of another model still references; delete the other files
 # (``fs.files``, then ``fs.chunks``, as GridFS does), then the documents read
-# (by ``_id``), and with that delete read what is left for the next round;
-# last, look once more at the files kept, and delete those that nothing
-# references any more. Files go before the metadata, so after any failure
-# the metadata still points at what a retry must finish. Rounds go on until
-# a read finds nothing left, and only then does a reply say success; when
-# the time budget runs out first, the reply says how much was removed and
-# that more remains, and the next call goes on from there. Each call deletes
-# on its own: its reply depends on its call and the database.
+# (by ``_id``); look once more at the files kept, and delete those that
+# nothing references any more; last, read what is left (sent with the
+# documents' delete when the round was small and kept none). Files go before
+# the metadata, so after any failure the metadata still points at what a
+# retry must finish. Rounds go on until a read finds nothing left, and only
+# then does a reply say success; when the time budget runs out first, the
+# reply says how much was removed and that more remains, and the next call
+# goes on from there. Each call deletes on its own: its reply depends on its
+# call and the database.
 
 MAX_BATCH_SIZE = 1000
 # Images per round. The largest command of a round, the reference check,
@@ -122,58 +127,6 @@ ROUND_SIZE = 10_000
 REPLY_MARGIN_S = 0.05
 # A dry run reads every document at once, this many per reply.
 READ_BATCH_SIZE = 100_000
-
-
-def stored_model_id_forms(model_id: str) -> list:
-    """The values ``images.model_id`` may hold for this model: the string,
-    and also the ObjectId when the string is one's canonical (lower-case hex)
-    spelling. Matching is exact: no trimming, case folding or patterns."""
-    forms = [model_id]
-    if ObjectId.is_valid(model_id) and str(ObjectId(model_id)) == model_id:
-        forms.append(ObjectId(model_id))
-    return forms
-
-
-def images_of(forms: list) -> dict:
-    """The filter for the ``images`` documents whose ``model_id`` is one of
-    ``forms``: equal to it, not an array that merely contains it (such a
-    document is another model's)."""
-    return {"model_id": {"$in": forms, "$not": {"$type": "array"}}}
-
-
-def images_of_other_models(forms: list) -> dict:
-    """The filter for every other ``images`` document: another model id, no
-    model id, or an array of them."""
-    return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
-
-
-@dataclasses.dataclass
-class ImagesRead:
-    """One read of ``images``: each model's documents and the files they name."""
-
-    metadata_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
-    file_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
-    invalid_references: collections.Counter = dataclasses.field(default_factory=collections.Counter)
-
-    def add(self, model_id, document):
-        self.metadata_ids[model_id].append(document["_id"])
-        file_id = referenced_file_id(document.get("image_id"))
-        if file_id is None:
-            self.invalid_references[model_id] += 1
-        else:
-            self.file_ids[model_id].add(file_id)
-
-    def size(self):
-        return sum(map(len, self.metadata_ids.values()))
-
-    def file_owners(self, model_ids):
-        """Each file named, with the first of ``model_ids`` naming it: a file
-        two models of a batch share is counted once, with the first."""
-        owners = {}
-        for model_id in model_ids:
-            for file_id in self.file_ids[model_id]:
-                owners.setdefault(file_id, model_id)
-        return owners
 
 
 class Deletion:
@@ -206,7 +159,7 @@ class Deletion:
             was_full = read.size() == self._round_size
             read = await self.remove_round(read)
             ended = time.monotonic()
-            # A round runs from its read to the next, which goes with its last delete.
+            # A round runs from its read to the next.
             self._slowest_round = max(self._slowest_round, ended - started)
             started = ended
             if read.metadata_ids and was_full and self._deadline - ended < 2 * self._slowest_round:
@@ -215,9 +168,9 @@ class Deletion:
 
     async def remove_round(self, read: ImagesRead) -> ImagesRead:
         """Deletes what one read found: the files no other model references,
-        their chunks, then the documents read, while reading what is left;
-        then the files it kept, if nothing references them now. Returns
-        what is left."""
+        their chunks, then the documents read; then the files it kept, if
+        nothing references them now. Returns what is left, read after the
+        delete or with it."""
         model_ids = [model_id for model_id in self._model_ids if read.metadata_ids[model_id]]
         owners = read.file_owners(model_ids)
         candidates = [file_id for file_id in owners if file_id not in self._deleted_earlier]
@@ -225,20 +178,10 @@ class Deletion:
         self._count_read(read, model_ids, owners, kept)
         doomed = [file_id for file_id in candidates if file_id not in kept]
         await self._delete_files(doomed, owners, model_ids)
-        metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
-        # The read of what is left goes with the delete of the documents
-        # read, leaving them out, rather than after it: one wait less a
-        # round. It finds what a read after the delete would, but for an
-        # upload landing between the two, which is then after the last read.
-        removal, next_read = await asyncio.gather(
-            self._db.images.delete_many({"_id": {"$in": metadata_ids}}),
-            self._read(limit=self._round_size, excluding=metadata_ids), return_exceptions=True)
-        if isinstance(removal, BaseException):
-            raise removal
-        credit(self.found, model_ids, [len(read.metadata_ids[model_id]) for model_id in model_ids],
-               removal.deleted_count, "deleted_images")
-        if isinstance(next_read, BaseException):
-            raise next_read
+        # A round that was not full and kept no file is most likely the
+        # last: the read of what is left goes with its images delete.
+        likely_last = read.size() < self._round_size and not kept
+        left = await self._delete_metadata(read, model_ids, read_with_it=likely_last)
         if kept:
             # Two calls deleting the last two models that share a file each
             # see the other's image and keep it; the later of them finds
@@ -248,7 +191,9 @@ class Deletion:
                 self._kept[model_id] -= unreferenced
                 self.found[model_id].kept_files = len(self._kept[model_id])
             await self._delete_files(list(unreferenced), owners, model_ids)
-        return next_read
+        if left is None:
+            left = await self._read(limit=self._round_size)
+        return left
 
     async def preview(self) -> None:
         """What ``run`` would remove now, without writing: one read of every
@@ -313,6 +258,31 @@ class Deletion:
             counted_with = [self._deleted_earlier.get(file_id, owners[file_id])
                             for file_id in read.file_ids[model_id] - kept]
             images.files_counted_earlier += sum(1 for counted in counted_with if counted != model_id)
+
+    async def _delete_metadata(self, read, model_ids, read_with_it):
+        """Deletes the documents read (by ``_id``), each counted with its
+        model. With ``read_with_it``, the read of what is left is sent at
+        once, leaving them out: one wait less. Returns what that read found,
+        or None when a read after the delete must tell: none was sent, or
+        the delete removed fewer than it named, so that some it left out
+        may still be there."""
+        metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
+        wanted = [len(read.metadata_ids[model_id]) for model_id in model_ids]
+        removal = self._db.images.delete_many({"_id": {"$in": metadata_ids}})
+        if not read_with_it:
+            credit(self.found, model_ids, wanted, (await removal).deleted_count, "deleted_images")
+            return None
+        removal, left = await asyncio.gather(
+            removal, self._read(limit=self._round_size, excluding=metadata_ids), return_exceptions=True)
+        if isinstance(removal, BaseException):
+            if isinstance(left, BaseException):
+                log.debug("the read sent with the failed delete failed too: %s: %s", type(left).__name__,
+                          describe_failure(left))
+            raise removal
+        credit(self.found, model_ids, wanted, removal.deleted_count, "deleted_images")
+        if isinstance(left, BaseException):
+            raise left
+        return left if removal.deleted_count == len(metadata_ids) else None
 
     async def _delete_files(self, file_ids, owners, model_ids):
         """Deletes these files and their chunks, each counted with its owner."""

@@ -2,8 +2,9 @@
 
 This module owns what the deletion and the operator's tools agree on about
 the data: how the upload service stores an image (a GridFS file in bucket
-``fs``, then an ``images`` document naming it), how an ``image_id`` names a
-GridFS file, the indexes deletes need (checked at start, created by
+``fs``, then an ``images`` document naming it), which ``images`` documents
+are a model's, how an ``image_id`` names a GridFS file, what one read of
+``images`` holds, the indexes deletes need (checked at start, created by
 ``--create-indexes``), opening the database (every wait bounded by
 MONGO_TIMEOUT_MS; reads on the primary), and the in-memory stand-in with
 sample images that ``--in-memory`` serves; and whether reads must name the
@@ -11,6 +12,7 @@ collation "simple" to compare strings exactly (decided once, from what the
 server says).
 """
 
+import collections
 import dataclasses
 import datetime
 import logging
@@ -94,6 +96,58 @@ def references_filter(file_ids):
             # Not re.compile: a pattern only MongoDB runs need not be compiled here.
             patterns += [Regex(f"^{lower}{_WHITESPACE_CLASS}"), Regex(f"^{lower.upper()}{_WHITESPACE_CLASS}")]
     return {"$or": [{"image_id": {"$in": exact}}, {"image_id": {"$in": patterns}}]}
+
+
+def stored_model_id_forms(model_id: str) -> list:
+    """The values ``images.model_id`` may hold for this model: the string,
+    and also the ObjectId when the string is one's canonical (lower-case hex)
+    spelling. Matching is exact: no trimming, case folding or patterns."""
+    forms = [model_id]
+    if ObjectId.is_valid(model_id) and str(ObjectId(model_id)) == model_id:
+        forms.append(ObjectId(model_id))
+    return forms
+
+
+def images_of(forms: list) -> dict:
+    """The filter for the ``images`` documents whose ``model_id`` is one of
+    ``forms``: equal to it, not an array that merely contains it (such a
+    document is another model's)."""
+    return {"model_id": {"$in": forms, "$not": {"$type": "array"}}}
+
+
+def images_of_other_models(forms: list) -> dict:
+    """The filter for every other ``images`` document: another model id, no
+    model id, or an array of them."""
+    return {"$or": [{"model_id": {"$nin": forms}}, {"model_id": {"$type": "array"}}]}
+
+
+@dataclasses.dataclass
+class ImagesRead:
+    """One read of ``images``: each model's documents and the files they name."""
+
+    metadata_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    file_ids: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(set))
+    invalid_references: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def add(self, model_id, document):
+        self.metadata_ids[model_id].append(document["_id"])
+        file_id = referenced_file_id(document.get("image_id"))
+        if file_id is None:
+            self.invalid_references[model_id] += 1
+        else:
+            self.file_ids[model_id].add(file_id)
+
+    def size(self):
+        return sum(map(len, self.metadata_ids.values()))
+
+    def file_owners(self, model_ids):
+        """Each file named, with the first of ``model_ids`` naming it: a file
+        two models of a batch share is counted once, with the first."""
+        owners = {}
+        for model_id in model_ids:
+            for file_id in self.file_ids[model_id]:
+                owners.setdefault(file_id, model_id)
+        return owners
 
 
 def in_batches(items, size):

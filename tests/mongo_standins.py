@@ -54,8 +54,8 @@ class WireMongo:
     A round's images delete and the read sent with it (which leaves out the
     documents deleted) arrive at once, in either order. WireMongo takes them
     in one order, the same in every run, so that commands are numbered the
-    same: the delete first, as MongoDB mostly would, or the read first when
-    ``reads_first`` is set.
+    same: the delete first (so that an upload landing during the delete is
+    seen by the read), or the read first when ``reads_first`` is set.
     """
 
     HELLO = mongo_wire.HELLO
@@ -74,6 +74,10 @@ class WireMongo:
         self._answered = threading.Condition()
         self._answered_pairs = []  # ("delete" | "read", the _ids it deleted or left out), as answered
         self.unpaired = []  # each of a pair whose partner never came
+        # The next images delete by _id leaves out its first this many ids,
+        # and says so only in its count: as a multi-delete on a sharded
+        # cluster may, racing a chunk migration (SERVER-20361).
+        self.deletes_missing = 0
         self._lock = threading.Lock()
         self._mockup = MockupDB(port=port)
         self._mockup.autoresponds(self._handle)
@@ -223,6 +227,11 @@ class WireMongo:
             return {"n": len(collection.insert_many(command["documents"]).inserted_ids)}
         elif name == "delete":
             removed = 0
+            if self._pair_of(command) and self.deletes_missing:
+                statement = command["deletes"][0]
+                kept_back = {"$in": statement["q"]["_id"]["$in"][self.deletes_missing:]}
+                command = {**command, "deletes": [{**statement, "q": {"_id": kept_back}}]}
+                self.deletes_missing = 0
             for statement in command["deletes"]:
                 remove = collection.delete_many if statement["limit"] == 0 else collection.delete_one
                 removed += remove(statement["q"]).deleted_count

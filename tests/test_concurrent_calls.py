@@ -88,9 +88,21 @@ def test_a_file_kept_for_a_model_not_being_deleted_costs_one_more_read_and_stays
     (chair,) = delete_directly(wire.async_client()[DATABASE], ["chair"])
 
     assert (chair.deleted_images, chair.deleted_files) == (1, 0)
-    # The images delete goes with the read that finds none left; then the second look.
-    assert wire.names() == ["find", "aggregate", "delete", "find", "aggregate"]
+    # A round that keeps a file reads what is left after its second look.
+    assert wire.names() == ["find", "aggregate", "delete", "aggregate", "find"]
     assert wire.db["fs.files"].count_documents({"_id": shared}) == 1
+    assert_store_consistent(wire.db)
+
+
+def test_an_image_uploaded_during_the_second_look_is_deleted_too(wire):
+    shared = upload(wire.db, "chair")
+    share_file(wire.db, shared, "table")
+    wire.faults[4] = lambda: upload(wire.db, "chair")  # the second look
+
+    (chair,) = delete_directly(wire.async_client()[DATABASE], ["chair"])
+
+    assert (chair.success, chair.deleted_images, chair.deleted_files) == (True, 2, 1)
+    assert images_of(wire.db, "chair") == []
     assert_store_consistent(wire.db)
 
 
@@ -176,14 +188,13 @@ def test_a_failed_second_look_is_reported_and_leaves_the_kept_file_whole(wire):
     share_file(wire.db, shared, "table")
     table = []
     wire.faults[3] = deleted_by_another_replica(wire, ["table"], table)
-    # The call for "chair": find, aggregate, its images delete (inside which
-    # table's call runs whole, commands 4 to 8), the read sent with that
-    # delete, then its second look, command 10.
-    wire.faults[10] = "error"
+    # The call for "chair": find, aggregate, then (table's 5 commands run
+    # before it) its images delete, and its second look, command 9.
+    wire.faults[9] = "error"
 
     (chair,) = delete_directly(wire.async_client()[DATABASE], ["chair"])
 
-    assert wire.names()[9] == "aggregate"
+    assert wire.names()[8] == "aggregate"
     assert (chair.success, chair.outcome, chair.deleted_images) == (False, pb2.OUTCOME_INTERNAL, 1)
     assert wire.db.images.count_documents({}) == 0
     # Referenced by nothing now: the orphan sweep's to remove.
