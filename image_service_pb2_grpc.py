@@ -79,11 +79,12 @@ class ImageServiceServicer:
 
         Commands, for a single delete or a batch alike, in rounds of up to
         10,000 images: a read, a check for other models' references to the
-        files, deletes of files, chunks and metadata, and with the metadata
-        delete (sent at once) the read of what is left, until it finds none. A
-        model of a few images costs 6 commands in 5 waits (1 when it has none);
-        1,000,000 images take 100 rounds of 5 commands, none over 2 MB, spread
-        over as many calls as MONGO_TIMEOUT_MS needs, each starting with a read.
+        files, deletes of files, chunks and metadata, then a read of what is
+        left, until it finds none; a small round sends that read with its
+        metadata delete. A model of a few images costs 6 commands in 5 waits (1
+        when it has none); 1,000,000 images take 100 rounds of 5 commands, none
+        over 2 MB, spread over as many calls as MONGO_TIMEOUT_MS needs, each
+        starting with a read.
         A dry run sends the read, the reference check and one read of
         `fs.files` per 10,000.
         """
