@@ -268,7 +268,10 @@ class Deletion:
         may still be there."""
         metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
         wanted = [len(read.metadata_ids[model_id]) for model_id in model_ids]
-        removal = self._db.images.delete_many({"_id": {"$in": metadata_ids}})
+        # By exact _id, as the read compared: a case-insensitive default
+        # collation would also match another model's string _id.
+        removal = self._db.images.delete_many({"_id": {"$in": metadata_ids}},
+                                              collation=await read_collation(self._db))
         if not read_with_it:
             credit(self.found, model_ids, wanted, (await removal).deleted_count, "deleted_images")
             return None
@@ -290,13 +293,16 @@ class Deletion:
             return
         self._deleted_earlier.update((file_id, owners[file_id]) for file_id in file_ids)
         stored_ids = stored_file_ids(file_ids)
-        removed = (await self._db["fs.files"].delete_many({"_id": {"$in": stored_ids}})).deleted_count
+        files = self._db["fs.files"].delete_many({"_id": {"$in": stored_ids}},
+                                                 collation=await read_collation(self._db, "fs.files"))
+        removed = (await files).deleted_count
         removed = min(removed, len(file_ids))  # a file stored under two spellings of its id is one file
         wanted = [sum(1 for file_id in file_ids if owners[file_id] == model_id) for model_id in model_ids]
         shortfalls = credit(self.found, model_ids, wanted, removed, "deleted_files")
         for model_id, missing in zip(model_ids, shortfalls, strict=True):
             self.found[model_id].missing_files += max(missing, 0)
-        await self._db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}})
+        await self._db["fs.chunks"].delete_many({"files_id": {"$in": stored_ids}},
+                                                collation=await read_collation(self._db, "fs.chunks"))
 
 
 async def delete_and_describe(db, requested: RequestedModels, deadline: float, dry_run: bool = False,

@@ -1094,6 +1094,16 @@ def test_reads_compare_model_ids_exactly_whatever_the_collections_collation(wire
     assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
 
 
+@pytest.mark.parametrize("collection", ["images", "fs.files", "fs.chunks"])
+def test_deletes_compare_ids_exactly_whatever_the_collections_collation(wire, collection):
+    wire.create_collection(collection, collation=CASE_INSENSITIVE)
+    upload(wire.db, "chair")
+    with serving_on(wire.async_client()) as (stub_, _, _):
+        delete(stub_, "chair")
+    (removal,) = [command for command in wire.commands if command.get("delete") == collection]
+    assert removal["deletes"][0]["collation"] == {"locale": "simple"}
+
+
 def test_reads_name_no_collation_on_a_collection_whose_default_is_simple(wire):
     wire.create_collection("images", collation={"locale": "simple"})
     upload(wire.db, "chair")
@@ -1147,7 +1157,7 @@ def test_the_collation_is_decided_once(wire):
     with serving_on(wire.async_client(event_listeners=[sent])) as (stub_, _, _):
         delete(stub_, "chair")
         delete(stub_, "table")
-    assert sent.names.count("listCollections") == 1
+    assert sent.names.count("listCollections") == 3  # once each for images, fs.files and fs.chunks
 
 
 def test_the_collation_is_decided_again_while_the_images_collection_does_not_exist(wire):
