@@ -322,8 +322,8 @@ class _InMemoryCollection:
     async def aggregate(self, pipeline, **kwargs):
         return _InMemoryCursor(self._collection.aggregate(pipeline, **kwargs))
 
-    async def delete_many(self, query):
-        return self._collection.delete_many(query)
+    async def delete_many(self, query, **kwargs):
+        return self._collection.delete_many(query, **kwargs)
 
     async def index_information(self):
         return self._collection.index_information()

@@ -155,11 +155,12 @@ def test_each_mongodb_command_of_a_call_is_a_child_span_of_the_calls_span(wire, 
         delete(stub, "chair", metadata=[TRACEPARENT])
     (call_span,) = server_spans(exporter)
     commands = [span for span in exporter.get_finished_spans() if span.kind == SpanKind.CLIENT]
-    # The first delete also decides, once, whether reads name a collation.
+    # The first delete also decides, once per collection, whether commands name a collation.
     assert [span.name for span in commands] == [
-        "CatalogServiceDB.listCollections",
-        "CatalogServiceDB.find", "CatalogServiceDB.aggregate", "CatalogServiceDB.delete",
-        "CatalogServiceDB.delete", "CatalogServiceDB.delete", "CatalogServiceDB.find"]
+        "CatalogServiceDB.listCollections", "CatalogServiceDB.find", "CatalogServiceDB.aggregate",
+        "CatalogServiceDB.listCollections", "CatalogServiceDB.delete",
+        "CatalogServiceDB.listCollections", "CatalogServiceDB.delete",
+        "CatalogServiceDB.delete", "CatalogServiceDB.find"]
     assert {span.parent.span_id for span in commands} == {call_span.context.span_id}
     assert {span.context.trace_id for span in commands} == {call_span.context.trace_id}
     assert all("chair" not in str(dict(span.attributes)) for span in commands)  # no statements
