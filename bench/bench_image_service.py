@@ -347,7 +347,8 @@ def child_server(kind, latency_ms, max_concurrent_rpcs=100, database="ImageServi
     process = context.Process(
         target=_child_server, args=(child_end, kind, latency_ms, max_concurrent_rpcs, database), daemon=True)
     process.start()
-    port = parent_end.recv()
+    child_end.close()  # the child's alone now: its exit ends our reads
+    port = received(parent_end, "the server")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield parent_end, pb2_grpc.ImageServiceStub(channel), channel
@@ -514,11 +515,21 @@ def spawned(target, *args):
     parent_end, child_end = context.Pipe()
     process = context.Process(target=target, args=(child_end, *args), daemon=True)
     process.start()
+    child_end.close()  # the child's alone now: its exit ends our reads
     try:
-        yield process.pid, parent_end.recv(), parent_end
+        yield process.pid, received(parent_end, target.__name__), parent_end
     finally:
         process.kill()
         process.join()
+
+
+def received(pipe, sender):
+    """The next thing ``sender`` sends on ``pipe``; a clear error, not a
+    wait forever, when its process has ended (its traceback is above)."""
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise RuntimeError(f"{sender} ended without answering; its error is above") from None
 
 
 def cpu_seconds(pid):
@@ -581,10 +592,10 @@ def measure_cell(load, servers, kind, callers, calls, tag):
     process spent on them."""
     server_pid, port = servers["pids"][kind], servers["ports"][kind]
     load.send((port, callers, f"warm-{tag}", max(200, callers * 4)))
-    load.recv()
+    received(load, "the load generator")
     server_cpu, standin_cpu = cpu_seconds(server_pid), cpu_seconds(servers["standin"])
     load.send((port, callers, tag, calls))
-    seconds, latencies, client_cpu = load.recv()
+    seconds, latencies, client_cpu = received(load, "the load generator")
     server_user, server_system = (
         after - before for after, before in zip(cpu_seconds(server_pid), server_cpu, strict=True))
     standin_used = sum(cpu_seconds(servers["standin"])) - sum(standin_cpu)
