@@ -108,7 +108,7 @@ SERVICE_NAME = pb2.DESCRIPTOR.services_by_name["ImageService"].full_name
 # ROUND_SIZE ``images`` documents of the call's models; keep the files that
 # an image of another model still references; delete the other files
 # (``fs.files``, then ``fs.chunks``, as GridFS does), then the documents read
-# (by ``_id``); look once more at the files kept, and delete those that
+# (by ``_id`` and model); look once more at the files kept, and delete those that
 # nothing references any more; last, read what is left (sent with the
 # documents' delete when the round was small and kept none). Files go before
 # the metadata, so after any failure the metadata still points at what a
@@ -193,6 +193,7 @@ class Deletion:
             await self._delete_files(list(unreferenced), owners, model_ids)
         if left is None:
             left = await self._read(limit=self._round_size)
+            self._uncount_found_again(read, left, model_ids)
         return left
 
     async def preview(self) -> None:
@@ -259,8 +260,17 @@ class Deletion:
                             for file_id in read.file_ids[model_id] - kept]
             images.files_counted_earlier += sum(1 for counted in counted_with if counted != model_id)
 
+    def _uncount_found_again(self, read, left, model_ids):
+        """A document the delete named and the read after it finds again was
+        missed (a multi-delete racing a chunk migration can miss one), not
+        removed by another deleter: it is counted when a round deletes it."""
+        for model_id in model_ids:
+            named = {repr(doc_id) for doc_id in read.metadata_ids[model_id]}
+            again = sum(1 for doc_id in left.metadata_ids.get(model_id, ()) if repr(doc_id) in named)
+            self.found[model_id].found_images -= again
+
     async def _delete_metadata(self, read, model_ids, read_with_it):
-        """Deletes the documents read (by ``_id``), each counted with its
+        """Deletes the documents read (by ``_id`` and model), each counted with its
         model. With ``read_with_it``, the read of what is left is sent at
         once, leaving them out: one wait less. Returns what that read found,
         or None when a read after the delete must tell: none was sent, or
@@ -269,8 +279,10 @@ class Deletion:
         metadata_ids = [doc_id for model_id in model_ids for doc_id in read.metadata_ids[model_id]]
         wanted = [len(read.metadata_ids[model_id]) for model_id in model_ids]
         # By exact _id, as the read compared: a case-insensitive default
-        # collation would also match another model's string _id.
-        removal = self._db.images.delete_many({"_id": {"$in": metadata_ids}},
+        # collation would also match another model's string _id. And only
+        # while still the models': an _id is unique on one server, not
+        # across a sharded cluster's shards.
+        removal = self._db.images.delete_many({"_id": {"$in": metadata_ids}, **images_of(self._forms)},
                                               collation=await read_collation(self._db))
         if not read_with_it:
             credit(self.found, model_ids, wanted, (await removal).deleted_count, "deleted_images")

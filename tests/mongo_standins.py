@@ -230,7 +230,7 @@ class WireMongo:
             if self._pair_of(command) and self.deletes_missing:
                 statement = command["deletes"][0]
                 kept_back = {"$in": statement["q"]["_id"]["$in"][self.deletes_missing:]}
-                command = {**command, "deletes": [{**statement, "q": {"_id": kept_back}}]}
+                command = {**command, "deletes": [{**statement, "q": {**statement["q"], "_id": kept_back}}]}
                 self.deletes_missing = 0
             for statement in command["deletes"]:
                 remove = collection.delete_many if statement["limit"] == 0 else collection.delete_one
@@ -283,7 +283,8 @@ class SyntheticMongo:
         if name == "aggregate":  # other models' references to its files: none
             return mongo_wire.cursor("CatalogServiceDB.images", [])
         if name == "delete":
-            ((_, condition),) = command["deletes"][0]["q"].items()
+            # By _id or files_id first; an images delete names its model too: the one held.
+            condition = next(iter(command["deletes"][0]["q"].values()))
             gone = self.present[command["delete"]] & set(condition["$in"])
             self.present[command["delete"]] -= gone
             return {"n": len(gone), "ok": 1}
