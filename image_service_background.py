@@ -4,12 +4,14 @@ This module owns embedding: the tests, the benchmark and the load run call
 the service from ordinary threads, while the server runs on asyncio. It
 starts whatever server a coroutine builds (``image_service_server.
 start_server``, say) on a loop in a daemon thread, runs coroutines there on
-request, and drains and ends it. The service itself never uses it: it runs
-on ``asyncio.run`` in the main thread.
+request, and drains and ends it. The loop is uvloop's, as the service's own
+(which runs in the main thread and never uses this module).
 """
 
 import asyncio
 import threading
+
+import uvloop
 
 
 class BackgroundServer:
@@ -17,7 +19,7 @@ class BackgroundServer:
     returned (it has ``port`` and ``stop(grace_s, delay_s)``)."""
 
     def __init__(self, start):
-        self._loop = asyncio.new_event_loop()
+        self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="grpc-loop", daemon=True)
         self._thread.start()
         self.running = self.run(start)
@@ -36,5 +38,16 @@ class BackgroundServer:
         """Drains as the process does at SIGTERM, then ends the loop; again: nothing."""
         if self._loop.is_running():
             self.run(self.running.stop(grace_s, delay_s))
+            self.run(_cancel_the_rest())
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
+            self._loop.close()  # its sockets and libuv handles now, not at garbage collection
+
+
+async def _cancel_the_rest():
+    """Cancels what still runs on the loop (a driver's monitors, say) and
+    waits for it, as ``asyncio.run`` does before it closes its loop."""
+    rest = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)

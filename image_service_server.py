@@ -55,6 +55,7 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 import grpc
 import pymongo
 import pymongo.errors
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -575,7 +576,8 @@ def main(argv=None):
         return tools.run(args, db, database_description)
     hint = functools.partial(in_memory_hint, config) if args.in_memory else None
     try:
-        asyncio.run(serve(config, db, database_description, metrics, hint, tracing))
+        # libuv's event loop: about a tenth less CPU per delete than asyncio's own (docs/performance.md)
+        uvloop.run(serve(config, db, database_description, metrics, hint, tracing))
     except ConfigError as error:
         report_configuration_error(error, env)
         return 2

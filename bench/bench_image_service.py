@@ -57,6 +57,7 @@ from concurrent import futures
 import gridfs
 import grpc
 import pymongo
+import uvloop
 from bson import ObjectId
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pymongo import monitoring
@@ -504,7 +505,7 @@ def _serve_service(ready, uri, path):
         ready.send(running.port)
         await asyncio.Event().wait()
 
-    asyncio.run(serve_until_killed())
+    uvloop.run(serve_until_killed())  # as main() runs it
 
 
 @contextlib.contextmanager

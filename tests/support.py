@@ -2,7 +2,6 @@
 service on an ephemeral port, the server as a child process, and small
 helpers to call it."""
 
-import asyncio
 import contextlib
 import dataclasses
 import datetime
@@ -21,6 +20,7 @@ import pymongo
 import pymongo.database
 import pymongo.errors
 import pytest
+import uvloop
 from bson import ObjectId
 
 import image_service_pb2 as pb2
@@ -158,7 +158,7 @@ def delete_directly(db, model_ids, seconds=5, **options):
 def delete_before(db, model_ids, deadline, **options):
     """The deletion itself, before ``deadline`` on the deletion's clock."""
     requested = RequestedModels(model_ids)
-    return asyncio.run(server.delete_and_describe(served_database(db), requested, deadline, **options))
+    return uvloop.run(server.delete_and_describe(served_database(db), requested, deadline, **options))
 
 
 @contextlib.contextmanager
@@ -176,8 +176,8 @@ def serving(db, metrics=None, tracing=None, round_size=server.ROUND_SIZE, **sett
         with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
             yield pb2_grpc.ImageServiceStub(channel), running, channel
     finally:
-        # A test that stopped the server itself has ended its loop, and the
-        # client with it: nothing is left to close on it.
+        # A test that stopped the server itself has ended its loop and cancelled
+        # the client's tasks with it: nothing is left to close on it.
         if isinstance(db.client, pymongo.AsyncMongoClient) and not running.stopped:
             running.run(db.client.close(), timeout_s=10)
         running.stop(0)
