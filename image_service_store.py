@@ -427,6 +427,31 @@ async def _collection_options(db, collection):
     return None
 
 
+def tool_collation(db, collection):
+    """The collation the operator's tools (synchronous) pass on ``collection``,
+    by the deletion's rule: EXACT when its default collation is not simple or
+    cannot be listed, unless the server refuses a read naming it."""
+    try:
+        found = list(db.list_collections(filter={"name": collection}))
+    except NotImplementedError:  # mongomock (--in-memory): it keeps no collections' options
+        return None
+    except pymongo.errors.OperationFailure as error:
+        if error.code in NOT_IMPLEMENTED_CODES:
+            return None
+        if error.code != UNAUTHORIZED:
+            raise
+        found = [{"options": {"collation": {"locale": "not listed"}}}]  # may not look: assume the worst
+    if not found or not _needs_exact_collation(found[0].get("options", {})):
+        return None
+    try:
+        db[collection].find_one({}, {"_id": 1}, collation=EXACT)
+    except pymongo.errors.OperationFailure as error:
+        if error.code not in NOT_IMPLEMENTED_CODES:
+            raise
+        return None
+    return EXACT
+
+
 # ---------------------------------------------------------------------------
 # Opening the store
 # ---------------------------------------------------------------------------

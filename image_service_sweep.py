@@ -5,7 +5,9 @@ report of chunks without a file, files no ``images`` document references and
 ``images`` documents whose file is gone, and, with ``--apply`` (and
 ``--apply-files``), their removal in batches. Which file an ``image_id``
 names, and which file an ``fs.files`` ``_id`` is, it decides by the
-deletion's own rule (``image_service_store.referenced_file_id``).
+deletion's own rule (``image_service_store.referenced_file_id``); and like
+the deletion it compares ids exactly whatever a collection's default
+collation (``image_service_store.tool_collation``).
 """
 
 import dataclasses
@@ -14,7 +16,7 @@ import sys
 
 from bson import ObjectId
 
-from image_service_store import in_batches, referenced_file_id, references_filter
+from image_service_store import in_batches, referenced_file_id, references_filter, tool_collation
 
 
 @dataclasses.dataclass
@@ -50,20 +52,20 @@ def find_orphans(db, min_age_s, now=None):
     named_files = file_keys - {None}
     without_file = [group["_id"] for group in chunk_groups
                     if group["_id"] not in files and referenced_file_id(group["_id"]) not in named_files]
-    newest = newest_chunks(db, without_file)
+    newest = newest_chunks(db, without_file, collation=tool_collation(db, "fs.chunks"))
     orphan_chunks = [files_id for files_id in without_file
                      if files_id in newest and newest[files_id].generation_time < cutoff]
     return OrphanReport(orphan_chunks, unreferenced, dangling)
 
 
-def newest_chunks(db, file_ids, batch_size=500):
+def newest_chunks(db, file_ids, batch_size=500, collation=None):
     """The ObjectId of the newest chunk of each of these files, when every
     chunk's ``_id`` is an ObjectId (otherwise its age is unknown and the file
     is left out). Read here, not by ``$max`` in the ``$group``: FerretDB v1
     implements no ``$group`` accumulator but ``$count`` and ``$sum``."""
     newest, unknown = {}, set()
     for batch in in_batches(file_ids, batch_size):
-        for chunk in db["fs.chunks"].find({"files_id": {"$in": batch}}, {"files_id": 1}):
+        for chunk in db["fs.chunks"].find({"files_id": {"$in": batch}}, {"files_id": 1}, collation=collation):
             if not isinstance(chunk["_id"], ObjectId):
                 unknown.add(chunk["files_id"])
             elif chunk["files_id"] not in newest or newest[chunk["files_id"]] < chunk["_id"]:
@@ -75,12 +77,12 @@ def _utc(moment):
     return moment if moment.tzinfo else moment.replace(tzinfo=datetime.timezone.utc)
 
 
-def references_to(db, file_ids):
+def references_to(db, file_ids, collation=None):
     """Which of these files (``fs.files`` ids) an ``images`` document
     references now, found by the ``image_id`` index as the delete finds them."""
     keys = {file_id: referenced_file_id(file_id) for file_id in file_ids}
     named = [key for key in set(keys.values()) if key is not None]
-    documents = db.images.find(references_filter(named), {"image_id": 1})
+    documents = db.images.find(references_filter(named), {"image_id": 1}, collation=collation)
     referenced = {referenced_file_id(document.get("image_id")) for document in documents}
     return {file_id for file_id, key in keys.items() if key is not None and key in referenced}
 
@@ -89,19 +91,26 @@ def sweep_orphans(db, report, apply_files, batch_size):
     """Removes what the report found, ``batch_size`` ids per command: chunks
     without a file and metadata pointing at nothing, and unreferenced files
     only when ``apply_files``. Returns the number of documents removed."""
+    # Exactly these ids: under a case-insensitive default collation a string
+    # id would also match its case variants, another model's or file's.
+    exact = {name: tool_collation(db, name) for name in ("images", "fs.files", "fs.chunks")}
     removed = {"chunks": 0, "images": 0, "files": 0}
     for batch in in_batches(report.chunk_file_ids, batch_size):
-        removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
+        removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}},
+                                                         collation=exact["fs.chunks"]).deleted_count
     for batch in in_batches(report.dangling_metadata_ids, batch_size):
-        removed["images"] += db.images.delete_many({"_id": {"$in": batch}}).deleted_count
+        removed["images"] += db.images.delete_many({"_id": {"$in": batch}},
+                                                   collation=exact["images"]).deleted_count
     if apply_files:
         for batch in in_batches(report.unreferenced_file_ids, batch_size):
             # A file is gone for good: look once more for a reference made
             # since the scan.
-            taken = references_to(db, batch)
+            taken = references_to(db, batch, exact["images"])
             batch = [file_id for file_id in batch if file_id not in taken]
-            removed["files"] += db["fs.files"].delete_many({"_id": {"$in": batch}}).deleted_count
-            removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}}).deleted_count
+            removed["files"] += db["fs.files"].delete_many({"_id": {"$in": batch}},
+                                                           collation=exact["fs.files"]).deleted_count
+            removed["chunks"] += db["fs.chunks"].delete_many({"files_id": {"$in": batch}},
+                                                             collation=exact["fs.chunks"]).deleted_count
     return removed
 
 

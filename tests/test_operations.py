@@ -385,6 +385,61 @@ def test_the_sweep_deletes_in_batches_of_the_given_size(wire):
     assert everything(wire.db) == {"images": [], "fs.files": [], "fs.chunks": []}
 
 
+CASE_INSENSITIVE = {"locale": "en", "strength": 2}
+
+
+def collation_of(command):
+    """The collation a read names, or a delete names for its documents."""
+    return command.get("collation") or command.get("deletes", [{}])[0].get("collation")
+
+
+def sweep_commands_on(wire, collection):
+    """The sweep's reads by id and its deletes of ``collection`` (not its scans)."""
+    return [command for command in wire.commands
+            if command.get("delete") == collection
+            or (command.get("find") == collection and command.get("filter"))]
+
+
+@pytest.mark.parametrize("collection", ["images", "fs.files", "fs.chunks"])
+def test_the_sweep_compares_ids_exactly_whatever_the_collections_collation(wire, collection):
+    # A case-insensitive default would let a dangling string id match a healthy case variant.
+    wire.create_collection(collection, collation=CASE_INSENSITIVE)
+    old_service_leftovers(wire.db)
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    exact = sweep_commands_on(wire, collection)
+    assert exact and all(collation_of(command) == {"locale": "simple"} for command in exact)
+    on_the_others = [command for command in wire.commands if next(iter(command.values())) != collection]
+    assert not any(collation_of(command) for command in on_the_others)
+
+
+def test_the_sweep_names_no_collation_on_a_collection_created_without_one(wire):
+    old_service_leftovers(wire.db)
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    assert wire.commands and not any(collation_of(command) for command in wire.commands)
+
+
+def test_the_sweep_names_no_collation_on_a_server_that_does_not_implement_it(wire):
+    wire.create_collection("images", collation=CASE_INSENSITIVE)
+    wire.unimplemented = {"collation"}
+    old_service_leftovers(wire.db)
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    assert not any(collation_of(command) for command in wire.commands)
+    assert orphan_sweep.find_orphans(wire.db, 0, a_second_later()) == orphan_sweep.OrphanReport([], [], [])
+
+
+def test_the_sweep_names_the_simple_collation_when_the_user_may_not_list_collections(wire):
+    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+    old_service_leftovers(wire.db)
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    exact = [command for collection in ("images", "fs.files", "fs.chunks")
+             for command in sweep_commands_on(wire, collection)]
+    assert exact and all(collation_of(command) == {"locale": "simple"} for command in exact)
+
+
 def test_the_sweep_runs_from_the_command_line(tmp_path, wire):
     expected = old_service_leftovers(wire.db)
     done = run_server_process({"MONGO_URI": wire.uri}, "--sweep-orphans", "--min-age-s", "0", cwd=tmp_path)
