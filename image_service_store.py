@@ -356,9 +356,13 @@ class _InMemoryCursor:
 # when the collection's own options give it another default collation.
 
 EXACT = Collation("simple")
-# What a server answers for a field or command it does not implement.
-NOT_IMPLEMENTED_CODES = (238, 115)  # NotImplemented, CommandNotSupported
-UNAUTHORIZED = 13  # a user without the listCollections privilege
+# What a server answers for a field or command it does not implement:
+# NotImplemented, CommandNotSupported, CommandNotFound, and Amazon DocumentDB's
+# "option collation is currently not supported" (before 8.0).
+NOT_IMPLEMENTED_CODES = (238, 115, 59, 303)
+# What a user without the listCollections privilege is answered: Unauthorized,
+# and Atlas's "user is not allowed to do action" (AtlasError).
+UNAUTHORIZED_CODES = (13, 8000)
 
 _read_collations = weakref.WeakKeyDictionary()  # database -> Collation | None, once decided
 
@@ -386,7 +390,7 @@ async def _decide_read_collation(db, collection):
     except pymongo.errors.OperationFailure as error:
         if error.code in NOT_IMPLEMENTED_CODES:  # it cannot say: it keeps no collations either
             return True, None
-        if error.code != UNAUTHORIZED:
+        if error.code not in UNAUTHORIZED_CODES:
             raise
         log.warning("not allowed to list collections: reads of %s name the collation \"simple\" unless"
                     " the server refuses it (grant listCollections to read without it)", collection)
@@ -438,7 +442,7 @@ def tool_collation(db, collection):
     except pymongo.errors.OperationFailure as error:
         if error.code in NOT_IMPLEMENTED_CODES:
             return None
-        if error.code != UNAUTHORIZED:
+        if error.code not in UNAUTHORIZED_CODES:
             raise
         found = [{"options": {"collation": {"locale": "not listed"}}}]  # may not look: assume the worst
     if not found or not _needs_exact_collation(found[0].get("options", {})):

@@ -6,8 +6,9 @@ report of chunks without a file, files no ``images`` document references and
 ``--apply-files``), their removal in batches. Which file an ``image_id``
 names, and which file an ``fs.files`` ``_id`` is, it decides by the
 deletion's own rule (``image_service_store.referenced_file_id``); and like
-the deletion it compares ids exactly whatever a collection's default
-collation (``image_service_store.tool_collation``).
+the deletion, its reads by id, its grouping of chunks and its deletes
+compare ids exactly whatever a collection's default collation
+(``image_service_store.tool_collation``).
 """
 
 import dataclasses
@@ -46,13 +47,14 @@ def find_orphans(db, min_age_s, now=None):
                     and _utc(uploaded) < cutoff]
     dangling = [doc_id for doc_id, file_id in references.items()
                 if file_id is None or file_id not in file_keys]
-    chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id"}}])
+    chunks_exact = tool_collation(db, "fs.chunks")  # grouping too: "abc" and "ABC" are two files
+    chunk_groups = db["fs.chunks"].aggregate([{"$group": {"_id": "$files_id"}}], collation=chunks_exact)
     # Chunks whose files_id is another spelling of a file's _id are that
     # file's, as the delete takes them.
     named_files = file_keys - {None}
     without_file = [group["_id"] for group in chunk_groups
                     if group["_id"] not in files and referenced_file_id(group["_id"]) not in named_files]
-    newest = newest_chunks(db, without_file, collation=tool_collation(db, "fs.chunks"))
+    newest = newest_chunks(db, without_file, collation=chunks_exact)
     orphan_chunks = [files_id for files_id in without_file
                      if files_id in newest and newest[files_id].generation_time < cutoff]
     return OrphanReport(orphan_chunks, unreferenced, dangling)

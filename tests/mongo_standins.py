@@ -38,6 +38,17 @@ def silent_socket():
         yield sock.getsockname()[1]
 
 
+# How a server refuses listCollections to a user without the privilege:
+# MongoDB's answer, and Atlas's.
+NOT_ALLOWED_TO_LIST_COLLECTIONS = {
+    "Unauthorized": (13, "Unauthorized", "not authorized on CatalogServiceDB"),
+    "AtlasError": (8000, "AtlasError", "user is not allowed to do action [listCollections]"),
+}
+# How a server without collations refuses a read naming one (WireMongo's
+# unimplemented_code): FerretDB v1, and Amazon DocumentDB before 8.0.
+COLLATION_REFUSALS = {"FerretDB": (238, "NotImplemented"), "DocumentDB": (303, "")}
+
+
 class WireMongo:
     """A MongoDB server at the wire level whose data lives in ``self.db`` (mongomock).
 
@@ -47,7 +58,8 @@ class WireMongo:
     before or after the command took effect), run a hook before one, refuse
     a command by name (``refused``, listIndexes and listCollections
     included) or any command carrying a field (``unimplemented``, answered
-    NotImplemented as FerretDB v1 answers ``collation``), or stop answering
+    NotImplemented as FerretDB v1 answers ``collation``, or with
+    ``unimplemented_code``), or stop answering
     until ``recover()``. listCollections reports the options collections
     were created with (``create_collection``).
 
@@ -66,6 +78,7 @@ class WireMongo:
         self.faults = {}  # command number (from 1) -> "error" | "drop-before" | "drop-after" | callable
         self.refused = {}  # command name -> (code, codeName, errmsg): every such command gets this error
         self.unimplemented = set()  # fields any command carrying them is refused for, as FerretDB v1 does
+        self.unimplemented_code = (238, "NotImplemented")  # Amazon DocumentDB before 8.0: (303, "")
         self.collection_options = {}  # collection name -> its options, as create_collection gave them
         self.answering = threading.Event()
         self.answering.set()
@@ -129,7 +142,8 @@ class WireMongo:
             if self.unimplemented & set(request.doc):
                 field = min(self.unimplemented & set(request.doc))
                 errmsg = f"{name}: support for field {field!r} is not implemented yet"
-                return request.command_err(code=238, codeName="NotImplemented", errmsg=errmsg)
+                code, code_name = self.unimplemented_code
+                return request.command_err(code=code, codeName=code_name, errmsg=errmsg)
             if name == "listIndexes":  # the index check, not a data command
                 return request.ok(self._indexes(request.doc[name]))
             if name == "listCollections":  # the collation decision, not a data command

@@ -31,7 +31,14 @@ import image_service_pb2 as pb2
 import image_service_server as server
 import image_service_settings as service_settings
 import image_service_store as store
-from mongo_standins import WireMongo, closed_port, silent_socket, synthetic_mongo
+from mongo_standins import (
+    COLLATION_REFUSALS,
+    NOT_ALLOWED_TO_LIST_COLLECTIONS,
+    WireMongo,
+    closed_port,
+    silent_socket,
+    synthetic_mongo,
+)
 from support import (
     EXACT_FILE_IDS,
     HERE,
@@ -1189,13 +1196,28 @@ def test_reads_name_no_collation_on_a_server_that_cannot_list_collections(wire):
     assert not any("collation" in command for command in wire.commands)
 
 
-def test_reads_name_the_simple_collation_when_the_user_may_not_list_collections(wire):
-    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+@pytest.mark.parametrize("refusal", NOT_ALLOWED_TO_LIST_COLLECTIONS.values(),
+                         ids=NOT_ALLOWED_TO_LIST_COLLECTIONS.keys())
+def test_reads_name_the_simple_collation_when_the_user_may_not_list_collections(wire, refusal):
+    wire.refused["listCollections"] = refusal
     upload(wire.db, "chair")
     deleted, preview = delete_and_preview(wire, "chair")
     assert (deleted.success, preview.success) == (True, True)
     reads = reads_of(wire, "images")
     assert reads and all(command["collation"] == {"locale": "simple"} for command in reads)
+
+
+@pytest.mark.parametrize("refusal", COLLATION_REFUSALS.values(), ids=COLLATION_REFUSALS.keys())
+def test_reads_go_without_a_collation_the_server_refuses_when_the_user_may_not_list_collections(
+        wire, refusal):
+    # Amazon DocumentDB before 8.0 answers a read naming a collation with 303,
+    # "option collation is currently not supported".
+    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+    wire.unimplemented, wire.unimplemented_code = {"collation"}, refusal
+    upload(wire.db, "chair")
+    deleted, preview = delete_and_preview(wire, "chair")
+    assert (deleted.success, preview.success) == (True, True)
+    assert wire.commands and not any("collation" in command for command in wire.commands)
 
 
 def test_the_collation_is_decided_once(wire):

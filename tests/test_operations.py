@@ -23,7 +23,7 @@ import image_service_pb2 as pb2
 import image_service_settings as service_settings
 import image_service_store as store
 import image_service_sweep as orphan_sweep
-from mongo_standins import closed_port
+from mongo_standins import COLLATION_REFUSALS, NOT_ALLOWED_TO_LIST_COLLECTIONS, closed_port
 from support import (
     EXACT_FILE_IDS,
     HERE,
@@ -394,9 +394,9 @@ def collation_of(command):
 
 
 def sweep_commands_on(wire, collection):
-    """The sweep's reads by id and its deletes of ``collection`` (not its scans)."""
+    """The sweep's reads by id, groupings and deletes of ``collection`` (not its scans)."""
     return [command for command in wire.commands
-            if command.get("delete") == collection
+            if collection in (command.get("delete"), command.get("aggregate"))
             or (command.get("find") == collection and command.get("filter"))]
 
 
@@ -430,14 +430,39 @@ def test_the_sweep_names_no_collation_on_a_server_that_does_not_implement_it(wir
     assert orphan_sweep.find_orphans(wire.db, 0, a_second_later()) == orphan_sweep.OrphanReport([], [], [])
 
 
-def test_the_sweep_names_the_simple_collation_when_the_user_may_not_list_collections(wire):
-    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+@pytest.mark.parametrize("refusal", NOT_ALLOWED_TO_LIST_COLLECTIONS.values(),
+                         ids=NOT_ALLOWED_TO_LIST_COLLECTIONS.keys())
+def test_the_sweep_names_the_simple_collation_when_the_user_may_not_list_collections(wire, refusal):
+    wire.refused["listCollections"] = refusal
     old_service_leftovers(wire.db)
     with wire.client() as mongo:
         sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
     exact = [command for collection in ("images", "fs.files", "fs.chunks")
              for command in sweep_commands_on(wire, collection)]
     assert exact and all(collation_of(command) == {"locale": "simple"} for command in exact)
+
+
+@pytest.mark.parametrize("refusal", COLLATION_REFUSALS.values(), ids=COLLATION_REFUSALS.keys())
+def test_the_sweep_of_a_user_who_may_not_list_collections_goes_without_a_collation_the_server_refuses(
+        wire, refusal):
+    wire.refused["listCollections"] = (13, "Unauthorized", "not authorized on CatalogServiceDB")
+    wire.unimplemented, wire.unimplemented_code = {"collation"}, refusal
+    old_service_leftovers(wire.db)
+    with wire.client() as mongo:
+        sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    # The refused read is not among the commands: only what was carried out.
+    assert wire.commands and not any(collation_of(command) for command in wire.commands)
+    assert orphan_sweep.find_orphans(wire.db, 0, a_second_later()) == orphan_sweep.OrphanReport([], [], [])
+
+
+def test_the_sweep_changes_nothing_when_it_cannot_tell_how_a_collection_compares(wire):
+    wire.refused["listCollections"] = (2, "BadValue", "listCollections refused")
+    old_service_leftovers(wire.db)
+    before = everything(wire.db)
+    with wire.client() as mongo:
+        with pytest.raises(pymongo.errors.OperationFailure, match="listCollections refused"):
+            sweep(mongo["CatalogServiceDB"], "--apply", "--apply-files")
+    assert everything(wire.db) == before
 
 
 def test_the_sweep_runs_from_the_command_line(tmp_path, wire):
